@@ -1,0 +1,27 @@
+"""mmcore's functional API and the dispatch between its backends.
+
+``available_backends(op_name, device=None)`` lists which of ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``
+can run an op here; every op takes ``backend=`` (or reads ``MMCORE_BACKEND``) to force one.
+"""
+
+from mmcore.ops import _library  # noqa: I001  (schemas first: the extension registers kernels for them)
+from mmcore.ops._dispatch import BACKENDS, Backend, BackendError, Op, available_backends, ops
+from mmcore.ops.grounding import (
+    boxes_to_loc_indices,
+    boxes_to_loc_indices_ref,
+    loc_indices_to_boxes,
+    loc_indices_to_boxes_ref,
+)
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "Op",
+    "available_backends",
+    "boxes_to_loc_indices",
+    "boxes_to_loc_indices_ref",
+    "loc_indices_to_boxes",
+    "loc_indices_to_boxes_ref",
+    "ops",
+]
