@@ -2,7 +2,8 @@
 
 Elementwise: one program handles BLOCK boxes. All arithmetic is float64 so results are bit-identical to
 the C++ kernel and to transformers' Python floats (``floor(x1 * P)``, ``ceil(x2 * P - 1)``; the ``unilm``
-rounding divides by the cell size with a correctly rounded division, as numpy does).
+rounding divides by the cell size as numpy does: float64 division lowers to the correctly rounded
+``div.rn.f64``, Triton's approximate division being float32-only). FMA contraction is disabled at launch.
 """
 
 import torch
@@ -24,10 +25,10 @@ def _boxes_to_loc_indices_kernel(boxes_ptr, out_ptr, n, num_bins, UNILM: tl.cons
     p = num_bins.to(tl.float64)
     if UNILM:
         cell = 1.0 / p
-        ux = tl.floor(tl.math.div_rn(tl.maximum(x1, 0.0), cell))
-        uy = tl.floor(tl.math.div_rn(tl.maximum(y1, 0.0), cell))
-        lx = tl.floor(tl.math.div_rn(tl.minimum(x2, 0.99999), cell))
-        ly = tl.floor(tl.math.div_rn(tl.minimum(y2, 0.99999), cell))
+        ux = tl.floor(tl.maximum(x1, 0.0) / cell)
+        uy = tl.floor(tl.maximum(y1, 0.0) / cell)
+        lx = tl.floor(tl.minimum(x2, 0.99999) / cell)
+        ly = tl.floor(tl.minimum(y2, 0.99999) / cell)
     else:
         ux = tl.floor(x1 * p)
         uy = tl.floor(y1 * p)

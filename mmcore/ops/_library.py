@@ -25,9 +25,6 @@ def op(name: str) -> torch._ops.OpOverload:
     """The default overload of ``mmcore::<name>``."""
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
-# Ops whose only kernels are Triton kernels, defined with torch.library.triton_op (so torch.compile can see
-# into them) by the ops modules when Triton is importable.
-TRITON_SCHEMAS: dict[str, str] = {
-    "boxes_to_loc_indices_triton": "(Tensor boxes, int num_bins, str rounding) -> Tensor",
-    "loc_indices_to_boxes_triton": "(Tensor indices, int num_bins) -> Tensor",
-}
+# Ops whose only kernels are Triton kernels are defined with torch.library.triton_op beside their dispatch
+# code (so torch.compile can see into the kernels); their schemas are inferred from the launchers' type
+# annotations, which the launchers in kernels/ keep exact.

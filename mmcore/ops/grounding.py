@@ -131,12 +131,15 @@ _triton_encode = _triton_decode = None
 if importlib.util.find_spec("triton") is not None:
     from mmcore.kernels import grounding as _kernels
 
-    _triton_encode = torch.library.triton_op(
-        "mmcore::boxes_to_loc_indices_triton", _kernels._boxes_to_loc_indices, mutates_args=(),
-        schema=_library.TRITON_SCHEMAS["boxes_to_loc_indices_triton"])
-    _triton_decode = torch.library.triton_op(
-        "mmcore::loc_indices_to_boxes_triton", _kernels._loc_indices_to_boxes, mutates_args=(),
-        schema=_library.TRITON_SCHEMAS["loc_indices_to_boxes_triton"])
+    # triton_op infers the schema from the launcher's annotations. The explicit fakes replace the traced
+    # launcher as meta kernel: under TRITON_INTERPRET=1 wrap_triton hands back the interpreter, which
+    # cannot run on fake tensors.
+    _triton_encode = torch.library.triton_op("mmcore::boxes_to_loc_indices_triton", _kernels._boxes_to_loc_indices,
+                                             mutates_args=())
+    _triton_encode.register_fake(_boxes_to_loc_indices_fake)
+    _triton_decode = torch.library.triton_op("mmcore::loc_indices_to_boxes_triton", _kernels._loc_indices_to_boxes,
+                                             mutates_args=())
+    _triton_decode.register_fake(_loc_indices_to_boxes_fake)
 
 
 def _encode_triton(boxes, num_bins, rounding):
