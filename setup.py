@@ -23,8 +23,10 @@ try:
     import torch
     from torch.utils import cpp_extension
 except ImportError:  # pragma: no cover - a message for people who skipped the README's first step
-    sys.exit("mmcore builds against an installed torch: `pip install torch==2.13.0`, then install mmcore with "
-             "`pip install --no-build-isolation -e .`")
+    sys.exit(
+        "mmcore builds against an installed torch: `pip install torch==2.13.0`, then install mmcore with "
+        "`pip install --no-build-isolation -e .`"
+    )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SKIP_CUDA = os.environ.get("MMCORE_SKIP_CUDA_BUILD", "0") == "1"
@@ -37,8 +39,11 @@ def _rel(paths):
 
 def _sources(pattern):
     # csrc/tests holds the ctest executable's sources (CMakeLists.txt), not extension code.
-    return [p for p in _rel(glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
-            if not p.startswith(os.path.join("csrc", "tests"))]
+    return [
+        p
+        for p in _rel(glob.glob(os.path.join(HERE, "csrc", "**", pattern), recursive=True))
+        if not p.startswith(os.path.join("csrc", "tests"))
+    ]
 
 
 def _want_cuda():
@@ -58,15 +63,16 @@ def extensions():
     # bit-identical to transformers' float arithmetic only without FMA contraction.
     cxx = opt + ["-fopenmp", "-ffp-contract=off", "-Wall", "-Wno-unused-function"]
     sources = _sources("*.cpp")
-    kwargs = dict(name="mmcore._C", include_dirs=[os.path.join(HERE, "csrc")],
-                  extra_link_args=["-fopenmp"])
+    kwargs = dict(name="mmcore._C", include_dirs=[os.path.join(HERE, "csrc")], extra_link_args=["-fopenmp"])
     print(f"mmcore: building mmcore._C with {'CUDA' if with_cuda else 'C++ CPU code only'} ({why})")
     if with_cuda:
         cu = _sources("*.cu")
-        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "--use_fast_math", "-fmad=false",
-                      "-DMMCORE_WITH_CUDA"]
-        return [cpp_extension.CUDAExtension(sources=sources + cu, extra_compile_args={
-            "cxx": cxx + ["-DMMCORE_WITH_CUDA"], "nvcc": nvcc}, **kwargs)]
+        nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "--use_fast_math", "-fmad=false", "-DMMCORE_WITH_CUDA"]
+        return [
+            cpp_extension.CUDAExtension(
+                sources=sources + cu, extra_compile_args={"cxx": cxx + ["-DMMCORE_WITH_CUDA"], "nvcc": nvcc}, **kwargs
+            )
+        ]
     return [cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
 
 

@@ -32,8 +32,9 @@ def _boxes_to_loc_indices_kernel(boxes_ptr, out_ptr, n, num_bins, UNILM: tl.cons
     else:
         ux = tl.floor(x1 * p)
         uy = tl.floor(y1 * p)
-        lx = tl.ceil(x2 * p - 1.0)
-        ly = tl.ceil(y2 * p - 1.0)
+        # NOTE: x2 * p - 1 is exactly -1 for x2 < ~2**-53 / p; clamp that cell to 0 (see mmcore/ops/grounding.py).
+        lx = tl.maximum(tl.ceil(x2 * p - 1.0), 0.0)
+        ly = tl.maximum(tl.ceil(y2 * p - 1.0), 0.0)
     ul = uy.to(tl.int64) * num_bins + ux.to(tl.int64)
     lr = ly.to(tl.int64) * num_bins + lx.to(tl.int64)
     tl.store(out_ptr + 2 * offs, ul, mask=mask)
@@ -68,8 +69,9 @@ def _boxes_to_loc_indices(boxes: torch.Tensor, num_bins: int, rounding: str) -> 
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         # NOTE: fp fusion off: `x * p - 1` and `u * cell + c` must round twice, as in Python, not fuse to FMA.
-        wrap_triton(_boxes_to_loc_indices_kernel)[grid](boxes, out, n, num_bins, UNILM=rounding == "unilm",
-                                                        BLOCK=BLOCK, enable_fp_fusion=False)
+        wrap_triton(_boxes_to_loc_indices_kernel)[grid](
+            boxes, out, n, num_bins, UNILM=rounding == "unilm", BLOCK=BLOCK, enable_fp_fusion=False
+        )
     return out
 
 
@@ -79,6 +81,5 @@ def _loc_indices_to_boxes(indices: torch.Tensor, num_bins: int) -> torch.Tensor:
     out = torch.empty((n, 4), dtype=torch.float64, device=indices.device)
     if n:
         grid = (triton.cdiv(n, BLOCK),)
-        wrap_triton(_loc_indices_to_boxes_kernel)[grid](indices, out, n, num_bins, BLOCK=BLOCK,
-                                                        enable_fp_fusion=False)
+        wrap_triton(_loc_indices_to_boxes_kernel)[grid](indices, out, n, num_bins, BLOCK=BLOCK, enable_fp_fusion=False)
     return out

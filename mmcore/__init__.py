@@ -8,7 +8,9 @@ compiled extension, optional at import: without it the PyTorch reference backend
 
 __version__ = "0.1.0"
 
-from mmcore import ops  # noqa: E402  (registers the custom ops)
-from mmcore import grounding  # noqa: E402
+from mmcore import (
+    grounding,  # noqa: E402
+    ops,  # noqa: E402  (registers the custom ops)
+)
 
 __all__ = ["__version__", "grounding", "ops"]

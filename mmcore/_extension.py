@@ -8,7 +8,9 @@ try:
     from mmcore import _C
 except ImportError as exc:  # built without the extension, or built against another torch
     _C = None
-    C_ERROR: str | None = f"mmcore._C could not be imported ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+    C_ERROR: str | None = (
+        f"mmcore._C could not be imported ({exc}); reinstall with `pip install --no-build-isolation -e .`"
+    )
 else:
     C_ERROR = None
 

@@ -1,6 +1,6 @@
 """The ``mmcore`` command.
 
-    mmcore info      version, torch/Triton/CUDA, whether mmcore._C loaded, and each op's backends
+mmcore info      version, torch/Triton/CUDA, whether mmcore._C loaded, and each op's backends
 """
 
 from __future__ import annotations

@@ -32,16 +32,18 @@ def error_report(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, tu
     return float(diff.reshape(-1)[flat]), float(diff.mean()), where
 
 
-def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, *, grad: bool = False,
-                        name: str = "output") -> None:
+def assert_close_to_ref(
+    out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, *, grad: bool = False, name: str = "output"
+) -> None:
     """Assert ``out`` is as close to the float64 ``ref`` as the tolerance rule allows.
 
     out: the kernel's result; ref: the reference in float64; baseline: the reference computed by PyTorch in
     ``out``'s dtype. Fails with max and mean error, where the max occurs, and the tolerance.
     """
     if out.shape != ref.shape or baseline.shape != ref.shape:
-        raise AssertionError(f"{name}: shapes differ: out {tuple(out.shape)}, ref {tuple(ref.shape)}, "
-                             f"baseline {tuple(baseline.shape)}")
+        raise AssertionError(
+            f"{name}: shapes differ: out {tuple(out.shape)}, ref {tuple(ref.shape)}, baseline {tuple(baseline.shape)}"
+        )
     if not torch.isfinite(out).all() and torch.isfinite(ref).all():
         bad = (~torch.isfinite(out)).reshape(-1).nonzero()[0, 0]
         raise AssertionError(f"{name}: non-finite value at flat index {int(bad)} where the reference is finite")
@@ -54,4 +56,5 @@ def assert_close_to_ref(out: torch.Tensor, ref: torch.Tensor, baseline: torch.Te
         raise AssertionError(
             f"{name} ({out.dtype}): max error {err:.3e} at {list(where)} (out {float(out[where]):.6g}, "
             f"ref {float(ref[where]):.6g}), mean error {mean:.3e}; tolerance {tol:.3e} = {factor:g} x "
-            f"PyTorch's error {base_err:.3e} + floor {floor:g}")
+            f"PyTorch's error {base_err:.3e} + floor {floor:g}"
+        )

@@ -52,11 +52,12 @@ void encode(const double* boxes, int64_t* out, int64_t n, int64_t num_bins) {
         lx = static_cast<int64_t>(std::floor(std::min(b[2], 0.99999) / cell));
         ly = static_cast<int64_t>(std::floor(std::min(b[3], 0.99999) / cell));
       } else {
-        // transformers' coordinate_to_patch_index: floor(x1 * P), ceil(x2 * P - 1).
+        // transformers' coordinate_to_patch_index: floor(x1 * P), ceil(x2 * P - 1). NOTE: for x2 < ~2^-53 / P,
+        // x2 * P - 1 rounds to -1 and transformers yields cell -1; clamping to 0 is the one departure.
         ux = static_cast<int64_t>(std::floor(b[0] * p));
         uy = static_cast<int64_t>(std::floor(b[1] * p));
-        lx = static_cast<int64_t>(std::ceil(b[2] * p - 1));
-        ly = static_cast<int64_t>(std::ceil(b[3] * p - 1));
+        lx = std::max<int64_t>(static_cast<int64_t>(std::ceil(b[2] * p - 1)), 0);
+        ly = std::max<int64_t>(static_cast<int64_t>(std::ceil(b[3] * p - 1)), 0);
       }
       out[2 * i] = uy * num_bins + ux;
       out[2 * i + 1] = ly * num_bins + lx;

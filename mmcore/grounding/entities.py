@@ -24,7 +24,8 @@ _PAIR = r"<patch_index_(\d+)><patch_index_(\d+)>"
 _ENTITY = re.compile(
     r"(?:<phrase>([^<]+)</phrase>)?<object>("
     r"(?:<patch_index_\d+><patch_index_\d+></delimiter_of_multi_objects/>)*<patch_index_\d+><patch_index_\d+>"
-    r")</object>")
+    r")</object>"
+)
 _PAIR_RE = re.compile(_PAIR)
 
 
@@ -58,8 +59,10 @@ def extract_entities_ref(text: str, num_bins: int = 32) -> tuple[str, list[Entit
             entities.append((phrase.strip(), (start, end), boxes))
         else:
             at = clean_offset(m.start())
-            entities.extend((f"<patch_index_{ul}><patch_index_{lr}>", (at, at), [box])
-                            for (ul, lr), box in zip(pairs, boxes))
+            entities.extend(
+                (f"<patch_index_{ul}><patch_index_{lr}>", (at, at), [box])
+                for (ul, lr), box in zip(pairs, boxes, strict=True)
+            )
     return stripped.strip(), entities
 
 
@@ -72,21 +75,25 @@ def _check(num_bins) -> int:
 def _batch_cpp(texts: Sequence[str], num_bins: int) -> list[tuple[str, list[Entity]]]:
     out = _extension.extension().extract_entities_batch(texts, num_bins)
     # None marks an index beyond int64: the reference parser has Python's unbounded ints.
-    return [r if r is not None else extract_entities_ref(t, num_bins) for r, t in zip(out, texts)]
+    return [r if r is not None else extract_entities_ref(t, num_bins) for r, t in zip(out, texts, strict=True)]
 
 
 def _batch_ref(texts: Sequence[str], num_bins: int) -> list[tuple[str, list[Entity]]]:
     return [extract_entities_ref(t, num_bins) for t in texts]
 
 
-EXTRACT_ENTITIES = Op("extract_entities", [
-    Backend("cpp", _batch_cpp, ("cpu",)),
-    Backend("torch", _batch_ref, ("cpu",)),
-])
+EXTRACT_ENTITIES = Op(
+    "extract_entities",
+    [
+        Backend("cpp", _batch_cpp, ("cpu",)),
+        Backend("torch", _batch_ref, ("cpu",)),
+    ],
+)
 
 
-def extract_entities_batch(texts: Sequence[str], num_bins: int = 32, *,
-                           backend: str | None = None) -> list[tuple[str, list[Entity]]]:
+def extract_entities_batch(
+    texts: Sequence[str], num_bins: int = 32, *, backend: str | None = None
+) -> list[tuple[str, list[Entity]]]:
     """``extract_entities`` for many strings in one call (C++, threads over strings, the GIL released)."""
     num_bins = _check(num_bins)
     if isinstance(texts, str):

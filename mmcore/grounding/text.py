@@ -35,7 +35,7 @@ def _spans(text: str, entities: Sequence) -> list[tuple[int, int, list]]:
             raise ValueError(f"entities[{k}] has span ({start!r}, {end!r}) outside the text of length {len(text)}")
         out.append((start, end, list(boxes), k))
     out.sort(key=lambda s: (s[0], s[1]))
-    for (s0, e0, _, k0), (s1, _, _, k1) in zip(out, out[1:]):
+    for (s0, e0, _, k0), (s1, _, _, k1) in zip(out, out[1:], strict=False):
         if s1 < e0:
             raise ValueError(f"entities[{k0}] and entities[{k1}] overlap ({s0}:{e0} and {s1}:...)")
     return [(s, e, b) for s, e, b, _ in out]

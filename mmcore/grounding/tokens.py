@@ -12,8 +12,19 @@ import torch
 FIRST_LOC_TOKEN_ID = 64013
 
 # Tag tokens in the order Kosmos2Processor adds them (ids 64002 ... 64012 in the released vocabulary).
-TAG_TOKENS = ("</doc>", "<image>", "</image>", "</chunk>", "</line>", "<phrase>", "</phrase>", "<object>",
-              "</object>", "</delimiter_of_multi_objects/>", "<grounding>")
+TAG_TOKENS = (
+    "</doc>",
+    "<image>",
+    "</image>",
+    "</chunk>",
+    "</line>",
+    "<phrase>",
+    "</phrase>",
+    "<object>",
+    "</object>",
+    "</delimiter_of_multi_objects/>",
+    "<grounding>",
+)
 
 
 def loc_token(index: int) -> str:
@@ -29,7 +40,7 @@ def loc_tokens(num_bins: int = 32) -> list[str]:
 
 
 def _as_long(x, what: str) -> torch.Tensor:
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.int64)
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{what} must be integers, got {t.dtype}")
     return t.long()
@@ -49,8 +60,9 @@ def loc_indices_to_token_ids(indices, num_bins: int = 32, first_loc_token_id: in
     t = _as_long(indices, "indices")
     bad = _first_outside(t, 0, num_bins * num_bins)
     if bad:
-        raise ValueError(f"indices{list(bad[0])} = {bad[1]} is outside the {num_bins}x{num_bins} grid "
-                         f"[0, {num_bins * num_bins})")
+        raise ValueError(
+            f"indices{list(bad[0])} = {bad[1]} is outside the {num_bins}x{num_bins} grid [0, {num_bins * num_bins})"
+        )
     return t + first_loc_token_id
 
 
@@ -60,8 +72,9 @@ def token_ids_to_loc_indices(token_ids, num_bins: int = 32, first_loc_token_id: 
     last = first_loc_token_id + num_bins * num_bins
     bad = _first_outside(t, first_loc_token_id, last)
     if bad:
-        raise ValueError(f"token_ids{list(bad[0])} = {bad[1]} is not a location token id "
-                         f"[{first_loc_token_id}, {last})")
+        raise ValueError(
+            f"token_ids{list(bad[0])} = {bad[1]} is not a location token id [{first_loc_token_id}, {last})"
+        )
     return t - first_loc_token_id
 
 

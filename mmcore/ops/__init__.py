@@ -4,7 +4,7 @@
 can run an op here; every op takes ``backend=`` (or reads ``MMCORE_BACKEND``) to force one.
 """
 
-from mmcore.ops import _library  # noqa: I001  (schemas first: the extension registers kernels for them)
+from mmcore.ops import _library  # noqa: F401, I001  (schemas first: the extension registers kernels for them)
 from mmcore.ops._dispatch import BACKENDS, Backend, BackendError, Op, available_backends, ops
 from mmcore.ops.grounding import (
     boxes_to_loc_indices,

@@ -119,8 +119,14 @@ class Op:
             raise ValueError(f"op {name!r} is already declared")
         _OPS[name] = self
 
-    def select(self, device_type: str, dtype: torch.dtype | None, args: tuple = (), kwargs: dict | None = None,
-               backend: str | None = None) -> Backend:
+    def select(
+        self,
+        device_type: str,
+        dtype: torch.dtype | None,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        backend: str | None = None,
+    ) -> Backend:
         kwargs = kwargs or {}
         forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
         if forced is not None:
@@ -129,8 +135,10 @@ class Op:
                 raise ValueError(f"{source}{forced!r} is not a backend; expected one of {BACKENDS}")
             chosen = self.backends.get(forced)
             if chosen is None:
-                raise BackendError(f"{source}{forced!r} was forced, but op {self.name!r} has no {forced!r} backend "
-                                   f"(it has: {', '.join(self.backends)})")
+                raise BackendError(
+                    f"{source}{forced!r} was forced, but op {self.name!r} has no {forced!r} backend "
+                    f"(it has: {', '.join(self.backends)})"
+                )
             reason = chosen.why_not(device_type, dtype, args, kwargs)
             if reason:
                 raise BackendError(f"{source}{forced!r} was forced, but it cannot run op {self.name!r} here: {reason}")
@@ -144,15 +152,18 @@ class Op:
             if reason is None:
                 return b
             reasons.append(f"{b.name}: {reason}")
-        raise BackendError(f"no backend can run op {self.name!r} on {device_type} ({dtype}):\n  " + "\n  ".join(reasons))
+        raise BackendError(
+            f"no backend can run op {self.name!r} on {device_type} ({dtype}):\n  " + "\n  ".join(reasons)
+        )
 
     def __call__(self, device_type: str, dtype: torch.dtype | None, *args, backend: str | None = None, **kwargs):
         return self.select(device_type, dtype, args, kwargs, backend).fn(*args, **kwargs)
 
     def available(self, device_type: str) -> list[str]:
         """Backends that can run on this machine for ``device_type`` tensors (ignoring per-call checks)."""
-        return [b.name for b in self.backends.values()
-                if device_type in b.devices and _NEEDS[b.name](device_type) is None]
+        return [
+            b.name for b in self.backends.values() if device_type in b.devices and _NEEDS[b.name](device_type) is None
+        ]
 
 
 def default_device_type() -> str:

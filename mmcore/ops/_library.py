@@ -25,6 +25,7 @@ def op(name: str) -> torch._ops.OpOverload:
     """The default overload of ``mmcore::<name>``."""
     return getattr(getattr(torch.ops, NAMESPACE), name).default
 
+
 # Ops whose only kernels are Triton kernels are defined with torch.library.triton_op beside their dispatch
 # code (so torch.compile can see into the kernels); their schemas are inferred from the launchers' type
 # annotations, which the launchers in kernels/ keep exact.

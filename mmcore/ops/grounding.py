@@ -5,7 +5,9 @@ cells of a ``num_bins x num_bins`` grid, row-major (``index = row * num_bins + c
 ``num_bins = 32`` (1024 location tokens). Facts: shared/research/kosmos2.md section 1.9.
 
 Roundings:
-  ``"hf"``    transformers' ``Kosmos2Processor``: ``floor(x1 * P)``, ``ceil(x2 * P - 1)``.
+  ``"hf"``    transformers' ``Kosmos2Processor``: ``floor(x1 * P)``, ``ceil(x2 * P - 1)``. NOTE: for x2 (or y2)
+              below about 2**-53 / P, ``x2 * P - 1`` rounds to exactly -1 and transformers produces cell
+              -1 (a negative index); mmcore clamps that cell to 0, its only departure from transformers.
   ``"unilm"`` the original training code (``unilm/data/vl/obj_utils.py``): ``floor(max(x1, 0) / c)``,
               ``floor(min(x2, 0.99999) / c)`` with ``c = 1 / P``. They differ only when ``x2 * P`` or
               ``y2 * P`` is an integer (a box ending exactly on a cell edge).
@@ -35,7 +37,7 @@ def boxes_to_loc_indices_ref(boxes: torch.Tensor, num_bins: int = 32, rounding: 
     if rounding == "hf":
         p = float(num_bins)
         ux, uy = torch.floor(x1 * p), torch.floor(y1 * p)
-        lx, ly = torch.ceil(x2 * p - 1), torch.ceil(y2 * p - 1)
+        lx, ly = torch.ceil(x2 * p - 1).clamp(min=0), torch.ceil(y2 * p - 1).clamp(min=0)
     else:
         cell = 1.0 / num_bins
         ux, uy = torch.floor(x1.clamp(min=0) / cell), torch.floor(y1.clamp(min=0) / cell)
@@ -82,7 +84,9 @@ def check_box_values(boxes: torch.Tensor) -> None:
     if not bool(bad.any()):
         return
     at = _where(bad, bad.shape)
-    why = "is not finite" if not finite[at] else "lies outside [0, 1]" if not inside[at] else "needs x2 > x1 and y2 > y1"
+    why = (
+        "is not finite" if not finite[at] else "lies outside [0, 1]" if not inside[at] else "needs x2 > x1 and y2 > y1"
+    )
     raise ValueError(f"boxes{_fmt(at)} = {tuple(b[at].tolist())} {why}")
 
 
@@ -92,8 +96,10 @@ def check_index_values(indices: torch.Tensor, num_bins: int) -> None:
     bad = ((indices < 0) | (indices >= cells)).any(-1)
     if bool(bad.any()):
         at = _where(bad, bad.shape)
-        raise ValueError(f"indices{_fmt(at)} = {tuple(indices[at].tolist())} has an index outside the "
-                         f"{num_bins}x{num_bins} grid [0, {cells})")
+        raise ValueError(
+            f"indices{_fmt(at)} = {tuple(indices[at].tolist())} has an index outside the "
+            f"{num_bins}x{num_bins} grid [0, {cells})"
+        )
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -134,11 +140,13 @@ if importlib.util.find_spec("triton") is not None:
     # triton_op infers the schema from the launcher's annotations. The explicit fakes replace the traced
     # launcher as meta kernel: under TRITON_INTERPRET=1 wrap_triton hands back the interpreter, which
     # cannot run on fake tensors.
-    _triton_encode = torch.library.triton_op("mmcore::boxes_to_loc_indices_triton", _kernels._boxes_to_loc_indices,
-                                             mutates_args=())
+    _triton_encode = torch.library.triton_op(
+        "mmcore::boxes_to_loc_indices_triton", _kernels._boxes_to_loc_indices, mutates_args=()
+    )
     _triton_encode.register_fake(_boxes_to_loc_indices_fake)
-    _triton_decode = torch.library.triton_op("mmcore::loc_indices_to_boxes_triton", _kernels._loc_indices_to_boxes,
-                                             mutates_args=())
+    _triton_decode = torch.library.triton_op(
+        "mmcore::loc_indices_to_boxes_triton", _kernels._loc_indices_to_boxes, mutates_args=()
+    )
     _triton_decode.register_fake(_loc_indices_to_boxes_fake)
 
 
@@ -157,16 +165,22 @@ def _decode_triton(indices, num_bins):
 _FLOATS = (torch.float32, torch.float64)
 _ANY = ("cpu", "cuda")
 
-BOXES_TO_LOC_INDICES = Op("boxes_to_loc_indices", [
-    Backend("triton", _encode_triton, ("cuda", "cpu"), auto_on_cpu=False),
-    Backend("cpp", _encode_cpp, ("cpu",), _FLOATS),
-    Backend("torch", _encode_torch, _ANY),
-])
-LOC_INDICES_TO_BOXES = Op("loc_indices_to_boxes", [
-    Backend("triton", _decode_triton, ("cuda", "cpu"), auto_on_cpu=False),
-    Backend("cpp", _decode_cpp, ("cpu",)),
-    Backend("torch", _decode_torch, _ANY),
-])
+BOXES_TO_LOC_INDICES = Op(
+    "boxes_to_loc_indices",
+    [
+        Backend("triton", _encode_triton, ("cuda", "cpu"), auto_on_cpu=False),
+        Backend("cpp", _encode_cpp, ("cpu",), _FLOATS),
+        Backend("torch", _encode_torch, _ANY),
+    ],
+)
+LOC_INDICES_TO_BOXES = Op(
+    "loc_indices_to_boxes",
+    [
+        Backend("triton", _decode_triton, ("cuda", "cpu"), auto_on_cpu=False),
+        Backend("cpp", _decode_cpp, ("cpu",)),
+        Backend("torch", _decode_torch, _ANY),
+    ],
+)
 
 
 # ----------------------------------------------------------------------------------- public functions
@@ -178,7 +192,9 @@ def _check_num_bins(num_bins) -> int:
     return num_bins
 
 
-def boxes_to_loc_indices(boxes, num_bins: int = 32, rounding: str = "hf", *, backend: str | None = None) -> torch.Tensor:
+def boxes_to_loc_indices(
+    boxes, num_bins: int = 32, rounding: str = "hf", *, backend: str | None = None
+) -> torch.Tensor:
     """Normalised boxes -> (top-left, bottom-right) location indices.
 
     boxes: (..., 4) tensor or nested sequence of ``(x1, y1, x2, y2)`` in [0, 1] with x2 > x1 and y2 > y1.
