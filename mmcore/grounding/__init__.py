@@ -5,6 +5,7 @@ grounded strings -> clean text + entities (``extract_entities``, ``extract_entit
 (``to_grounded_text``), and markdown links for people (``to_markdown``).
 """
 
+from mmcore.grounding import prompts
 from mmcore.grounding.entities import cell_pair_to_box, extract_entities, extract_entities_batch, extract_entities_ref
 from mmcore.grounding.text import grounded_text_to_markdown, to_grounded_text, to_markdown
 from mmcore.grounding.tokens import (
@@ -33,6 +34,7 @@ __all__ = [
     "loc_indices_to_token_ids",
     "loc_token",
     "loc_tokens",
+    "prompts",
     "to_grounded_text",
     "to_markdown",
     "token_ids_to_loc_indices",
