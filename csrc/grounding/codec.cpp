@@ -4,6 +4,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <iomanip>
+#include <sstream>
 
 #include "entities.h"
 
@@ -11,6 +13,8 @@ namespace mmcore::grounding {
 namespace {
 
 constexpr int64_t kGrain = 4096;
+// Grids up to 2^20 per side keep every index (num_bins^2) and its arithmetic far inside int64.
+constexpr int64_t kMaxNumBins = int64_t{1} << 20;
 
 // "[2, 7]" for flat row 23 of a (4, 8, k) tensor: errors name the element as the caller indexes it.
 std::string row_index(at::IntArrayRef sizes, int64_t row) {
@@ -21,7 +25,14 @@ std::string row_index(at::IntArrayRef sizes, int64_t row) {
   }
   std::string s = "[";
   for (size_t d = 0; d < idx.size(); ++d) s += (d ? ", " : "") + std::to_string(idx[d]);
-  return s + "]";
+  return idx.empty() ? std::string() : s + "]";  // a single (4,) box is just "boxes"
+}
+
+// Shortest-round-trip-ish formatting (17 significant digits), so 1.0000001 never prints as 1.
+std::string fmt_box(const double* b) {
+  std::ostringstream os;
+  os << std::setprecision(17) << "(" << b[0] << ", " << b[1] << ", " << b[2] << ", " << b[3] << ")";
+  return os.str();
 }
 
 inline void check_box(const double* b, at::IntArrayRef sizes, int64_t i) {
@@ -34,7 +45,7 @@ inline void check_box(const double* b, at::IntArrayRef sizes, int64_t i) {
                         ? "is not finite"
                     : !(x1 >= 0 && y1 >= 0 && x2 <= 1 && y2 <= 1) ? "lies outside [0, 1]"
                                                                   : "needs x2 > x1 and y2 > y1";
-  TORCH_CHECK_VALUE(false, "boxes", row_index(sizes, i), " = (", x1, ", ", y1, ", ", x2, ", ", y2, ") ", why);
+  TORCH_CHECK_VALUE(false, "boxes", row_index(sizes, i), " = ", fmt_box(b), " ", why);
 }
 
 template <bool kUnilm>
@@ -68,14 +79,15 @@ void encode(const double* boxes, int64_t* out, int64_t n, int64_t num_bins) {
 }  // namespace
 
 at::Tensor boxes_to_loc_indices_cpu(const at::Tensor& boxes, int64_t num_bins, const std::string& rounding) {
-  TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
+  TORCH_CHECK_VALUE(num_bins >= 1 && num_bins <= kMaxNumBins, "num_bins must be in [1, ", kMaxNumBins, "], got ",
+                    num_bins);
   TORCH_CHECK_VALUE(rounding == "hf" || rounding == "unilm", "rounding must be 'hf' or 'unilm', got '", rounding,
                     "'");
   TORCH_CHECK_VALUE(boxes.dim() >= 1 && boxes.size(-1) == 4, "boxes must have shape (..., 4), got ",
                     boxes.sizes());
   TORCH_CHECK_TYPE(boxes.scalar_type() == at::kFloat || boxes.scalar_type() == at::kDouble,
                    "boxes must be float32 or float64, got ", boxes.scalar_type());
-  TORCH_CHECK(boxes.device().is_cpu(), "boxes_to_loc_indices_cpu needs a CPU tensor");
+  TORCH_CHECK_VALUE(boxes.device().is_cpu(), "boxes_to_loc_indices_cpu needs a CPU tensor, got ", boxes.device());
   const at::Tensor b = boxes.to(at::kDouble).contiguous();
   const int64_t n = b.numel() / 4;
   const double* ptr = b.const_data_ptr<double>();
@@ -93,12 +105,14 @@ at::Tensor boxes_to_loc_indices_cpu(const at::Tensor& boxes, int64_t num_bins, c
 }
 
 at::Tensor loc_indices_to_boxes_cpu(const at::Tensor& indices, int64_t num_bins) {
-  TORCH_CHECK_VALUE(num_bins >= 1, "num_bins must be >= 1, got ", num_bins);
+  TORCH_CHECK_VALUE(num_bins >= 1 && num_bins <= kMaxNumBins, "num_bins must be in [1, ", kMaxNumBins, "], got ",
+                    num_bins);
   TORCH_CHECK_VALUE(indices.dim() >= 1 && indices.size(-1) == 2, "indices must have shape (..., 2), got ",
                     indices.sizes());
   TORCH_CHECK_TYPE(at::isIntegralType(indices.scalar_type(), /*includeBool=*/false),
                    "indices must be an integer tensor, got ", indices.scalar_type());
-  TORCH_CHECK(indices.device().is_cpu(), "loc_indices_to_boxes_cpu needs a CPU tensor");
+  TORCH_CHECK_VALUE(indices.device().is_cpu(), "loc_indices_to_boxes_cpu needs a CPU tensor, got ",
+                    indices.device());
   const at::Tensor idx = indices.to(at::kLong).contiguous();
   const int64_t n = idx.numel() / 2;
   const int64_t* ptr = idx.const_data_ptr<int64_t>();

@@ -22,6 +22,7 @@ struct Box {
 
 // (x1, y1, x2, y2) of a (top-left, bottom-right) cell pair on a num_bins x num_bins grid: cell edges when
 // both corners share a cell, a row or a column, cell centres otherwise (the Kosmos-2 demo's decoder).
+// Expects num_bins >= 1 and non-negative indices (callers check; the parser only produces those).
 Box cell_pair_to_box(int64_t ul, int64_t lr, int64_t num_bins);
 
 struct Entity {
@@ -43,7 +44,8 @@ struct Extraction {
 
 Extraction extract_entities(const std::u32string& text, int64_t num_bins);
 
-// UTF-8 convenience for C++ callers and tests (offsets stay in code points).
+// UTF-8 convenience for C++ callers and tests (offsets stay in code points). utf8_to_u32 throws
+// std::invalid_argument on malformed UTF-8 (bad continuation bytes, overlong forms, surrogates, > U+10FFFF).
 std::u32string utf8_to_u32(const std::string& s);
 std::string u32_to_utf8(const std::u32string& s);
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from mmcore import _extension
 from mmcore.ops._dispatch import Backend, Op
+from mmcore.ops.grounding import check_num_bins
 
 Box = tuple[float, float, float, float]
 Entity = tuple[str, tuple[int, int], list[Box]]
@@ -66,12 +67,6 @@ def extract_entities_ref(text: str, num_bins: int = 32) -> tuple[str, list[Entit
     return stripped.strip(), entities
 
 
-def _check(num_bins) -> int:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
-    return num_bins
-
-
 def _batch_cpp(texts: Sequence[str], num_bins: int) -> list[tuple[str, list[Entity]]]:
     out = _extension.extension().extract_entities_batch(texts, num_bins)
     # None marks an index beyond int64: the reference parser has Python's unbounded ints.
@@ -95,7 +90,7 @@ def extract_entities_batch(
     texts: Sequence[str], num_bins: int = 32, *, backend: str | None = None
 ) -> list[tuple[str, list[Entity]]]:
     """``extract_entities`` for many strings in one call (C++, threads over strings, the GIL released)."""
-    num_bins = _check(num_bins)
+    num_bins = check_num_bins(num_bins)
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of str, not a single str (use extract_entities)")
     texts = list(texts)

@@ -26,6 +26,7 @@ from mmcore.ops import _library
 from mmcore.ops._dispatch import Backend, Op
 
 ROUNDINGS = ("hf", "unilm")
+MAX_NUM_BINS = 1 << 20  # keeps num_bins**2 and all index arithmetic far inside int64 (as csrc/grounding/codec.cpp)
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -186,9 +187,9 @@ LOC_INDICES_TO_BOXES = Op(
 # ----------------------------------------------------------------------------------- public functions
 
 
-def _check_num_bins(num_bins) -> int:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+def check_num_bins(num_bins) -> int:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or not 1 <= num_bins <= MAX_NUM_BINS:
+        raise ValueError(f"num_bins must be an int in [1, {MAX_NUM_BINS}], got {num_bins!r}")
     return num_bins
 
 
@@ -201,7 +202,7 @@ def boxes_to_loc_indices(
     Returns (..., 2) int64 on the same device. ``rounding="hf"`` equals transformers' Kosmos2Processor,
     ``"unilm"`` the original training code. Raises ValueError naming the first invalid box.
     """
-    num_bins = _check_num_bins(num_bins)
+    num_bins = check_num_bins(num_bins)
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     if not isinstance(boxes, torch.Tensor):
@@ -222,7 +223,7 @@ def loc_indices_to_boxes(indices, num_bins: int = 32, *, backend: str | None = N
     on the same device (float64 so that results equal transformers' Python floats exactly).
     Raises ValueError naming the first pair with an index outside the grid.
     """
-    num_bins = _check_num_bins(num_bins)
+    num_bins = check_num_bins(num_bins)
     if not isinstance(indices, torch.Tensor):
         indices = torch.as_tensor(indices, dtype=torch.int64)
     if indices.dim() == 0 or indices.shape[-1] != 2:

@@ -166,6 +166,11 @@ def test_invalid_indices_name_the_pair(backend):
         (lambda: boxes_to_loc_indices(torch.tensor(0.5)), ValueError, r"shape \(\.\.\., 4\)"),
         (lambda: boxes_to_loc_indices(torch.ones(2, 4, dtype=torch.long)), TypeError, "floating-point"),
         (lambda: boxes_to_loc_indices([[0, 0, 1, 1]], num_bins=0), ValueError, "num_bins"),
+        (
+            lambda: loc_indices_to_boxes([[0, 1]], num_bins=2**33),
+            ValueError,
+            r"num_bins must be an int in \[1, 1048576\]",
+        ),
         (lambda: boxes_to_loc_indices([[0, 0, 1, 1]], rounding="round"), ValueError, "rounding"),
         (lambda: loc_indices_to_boxes(torch.rand(2, 2)), TypeError, "integer"),
         (lambda: loc_indices_to_boxes(torch.ones(2, 3, dtype=torch.long)), ValueError, r"shape \(\.\.\., 2\)"),
@@ -175,6 +180,14 @@ def test_invalid_indices_name_the_pair(backend):
 def test_bad_arguments(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="mmcore._C not built")
+def test_cpp_kernel_checks_its_own_inputs():
+    with pytest.raises(ValueError, match=r"boxes = \(0, 0, 0.5, 1.0000001\d*\) lies outside"):
+        op("boxes_to_loc_indices")(torch.tensor([0, 0, 0.5, 1.0000001], dtype=torch.float64), 32, "hf")
+    with pytest.raises(ValueError, match=r"num_bins must be in \[1, 1048576\]"):
+        op("loc_indices_to_boxes")(torch.tensor([[0, 1]]), 2**33)
 
 
 def test_half_precision_boxes_are_accepted():
