@@ -14,6 +14,21 @@ SCHEMAS: dict[str, str] = {
     # grounding codec: (..., 4) float boxes -> (..., 2) int64 cell indices, and back to float64 boxes
     "boxes_to_loc_indices": "(Tensor boxes, int num_bins, str rounding) -> Tensor",
     "loc_indices_to_boxes": "(Tensor indices, int num_bins) -> Tensor",
+    # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
+    # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
+    # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).
+    "packed_attention_fwd": (
+        "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+        "int max_seqlen_k, int mode, Tensor? prefix_lens, float softmax_scale, float dropout_p, int seed, "
+        "int offset) -> (Tensor, Tensor)"
+    ),
+    # Gradients (dq, dk, dv) in the dtypes of q, k, v.
+    "packed_attention_bwd": (
+        "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int mode, Tensor? prefix_lens, "
+        "float softmax_scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)"
+    ),
+    # Host-side tile schedule for the Triton kernels (see kernels/packed_attention.py).
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
