@@ -2,7 +2,9 @@
 
 import torch
 
-from mmcore.ops import _library  # noqa: F401  (schemas must exist before the extension registers kernels)
+# NOTE: the extension registers kernels (TORCH_LIBRARY_IMPL) for schemas that mmcore/ops/_library.py
+# defines; the dispatcher accepts the two in either order. Loading it here, before any op is declared, lets
+# each op record at declaration which kernels the extension brought.
 
 try:
     from mmcore import _C

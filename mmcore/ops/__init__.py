@@ -5,6 +5,7 @@ can run an op here; every op takes ``backend=`` (or reads ``MMCORE_BACKEND``) to
 """
 
 from mmcore.ops import _library  # noqa: F401, I001  (schemas first: the extension registers kernels for them)
+from mmcore.ops.attention import MODES, attention, packed_attention, packed_attention_ref
 from mmcore.ops._dispatch import BACKENDS, Backend, BackendError, Op, available_backends, ops
 from mmcore.ops.grounding import (
     boxes_to_loc_indices,
@@ -14,6 +15,10 @@ from mmcore.ops.grounding import (
 )
 
 __all__ = [
+    "MODES",
+    "attention",
+    "packed_attention",
+    "packed_attention_ref",
     "BACKENDS",
     "Backend",
     "BackendError",

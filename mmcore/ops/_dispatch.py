@@ -75,7 +75,8 @@ class Backend:
     name: one of BACKENDS. fn: called with the op's arguments. devices: device types it runs on.
     dtypes: the input dtypes it takes (None: any). check: optional per-call test returning why these
     arguments are unsupported, or None. auto_on_cpu: whether default dispatch may pick it for CPU tensors
-    (False for Triton, whose CPU path is the interpreter).
+    (False for Triton, whose CPU path is the interpreter). needs: optional test of this machine beyond the
+    backend kind's own (e.g. that the extension has a kernel for this op), returning why not, or None.
     """
 
     name: str
@@ -84,16 +85,24 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] | None = None
     check: Callable[..., str | None] | None = None
     auto_on_cpu: bool = True
+    needs: Callable[[str], str | None] | None = None
 
     def __post_init__(self):
         if self.name not in BACKENDS:
             raise ValueError(f"unknown backend {self.name!r}; expected one of {BACKENDS}")
 
+    def unavailable(self, device_type: str) -> str | None:
+        """Why this backend cannot run on this machine for ``device_type`` tensors, or None."""
+        missing = _NEEDS[self.name](device_type)
+        if missing is None and self.needs is not None:
+            missing = self.needs(device_type)
+        return missing
+
     def why_not(self, device_type: str, dtype: torch.dtype | None, args: tuple, kwargs: dict) -> str | None:
         """None when this backend can run this call here, else the reason it cannot."""
         if device_type not in self.devices:
             return f"runs on {'/'.join(self.devices)} tensors, not {device_type}"
-        missing = _NEEDS[self.name](device_type)
+        missing = self.unavailable(device_type)
         if missing:
             return missing
         if self.dtypes is not None and dtype is not None and dtype not in self.dtypes:
@@ -162,8 +171,26 @@ class Op:
     def available(self, device_type: str) -> list[str]:
         """Backends that can run on this machine for ``device_type`` tensors (ignoring per-call checks)."""
         return [
-            b.name for b in self.backends.values() if device_type in b.devices and _NEEDS[b.name](device_type) is None
+            b.name for b in self.backends.values() if device_type in b.devices and b.unavailable(device_type) is None
         ]
+
+
+def extension_kernel(op_name: str) -> Callable[[str], str | None]:
+    """A ``needs`` test: the extension registered a kernel for ``mmcore::<op_name>`` on that device.
+
+    Looked up once, when the op is declared (the extension is loaded by then), so that dispatch stays plain
+    Python that torch.compile traces without graph breaks."""
+    registered = {
+        device: torch._C._dispatch_has_kernel_for_dispatch_key(f"mmcore::{op_name}", key)
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    }
+
+    def needs(device_type: str) -> str | None:
+        if registered.get(device_type, False):
+            return None
+        return f"mmcore._C has no {device_type} kernel for {op_name} (rebuild: pip install --no-build-isolation -e .)"
+
+    return needs
 
 
 def default_device_type() -> str:

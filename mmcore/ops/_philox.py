@@ -50,8 +50,9 @@ def dropout_threshold(p: float) -> int:
     return int(p * 4294967296.0)
 
 
-def dropout_keep_mask(seed: int, offset: int, head: int, rows: torch.Tensor, cols: torch.Tensor, total_q: int,
-                      max_seqlen_k: int, p: float) -> torch.Tensor:
+def dropout_keep_mask(
+    seed: int, offset: int, head: int, rows: torch.Tensor, cols: torch.Tensor, total_q: int, max_seqlen_k: int, p: float
+) -> torch.Tensor:
     """Boolean keep mask for one head: ``rows`` (packed query indices, shape (m, 1)) x ``cols`` (keys
     counted from the segment's first key, shape (1, n))."""
     counters = offset + (head * total_q + rows.to(torch.int64)) * max_seqlen_k + cols.to(torch.int64)

@@ -16,10 +16,13 @@ and log-sum-exp +inf. Dropout keeps an element by the counter-based draw of ``mm
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
 
+from mmcore.ops import _library
+from mmcore.ops._dispatch import Backend, Op, extension_kernel
 from mmcore.ops._philox import dropout_keep_mask
 
 MODES = {"full": 0, "causal": 1, "prefix": 2}
@@ -97,3 +100,399 @@ def packed_attention_ref(
         return out
     lse = torch.cat(lses, 1) if lses else q.new_zeros(heads, 0, dtype=dtype)
     return out, lse.float()
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensors(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("head_dim must be at least 1")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"heads of q ({q.shape[1]}) must be a multiple of heads of k/v ({k.shape[1]}) (GQA)")
+
+
+def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, check_values):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D tensor of segments + 1 offsets")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (flash-attn's varlen layout), got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on {device} with q, k, v, got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
+    if not check_values:
+        return
+    c = cu.tolist()
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {c[0]}")
+    if c[-1] != total:
+        raise ValueError(f"{name} must end at the token count {total}, got {c[-1]}")
+    lens = [b - a for a, b in zip(c, c[1:], strict=False)]
+    if any(n < 0 for n in lens):
+        s = next(i for i, n in enumerate(lens) if n < 0)
+        raise ValueError(f"{name} must be non-decreasing: {name}[{s}] = {c[s]} > {name}[{s + 1}] = {c[s + 1]}")
+    if lens and max(lens) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is below the longest segment ({max(lens)} tokens)")
+
+
+def _should_check_values(device: torch.device, validate: bool | None) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # value checks read tensors on the host; a traced graph cannot
+    return validate if validate is not None else device.type == "cpu"
+
+
+def check_packed_args(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    validate=None,
+):
+    """Validate packed-attention arguments; returns (mode code, softmax_scale, prefix_lens as int32 or None).
+
+    Shapes, dtypes and devices are always checked; values of cu_seqlens / prefix_lens (which need a host
+    read) on CPU tensors, and on GPU tensors when ``validate=True``."""
+    _check_tensors(q, k, v)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    check_values = _should_check_values(q.device, validate)
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, "max_seqlen_q", check_values)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, "max_seqlen_k", check_values)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of segments, got "
+            f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}"
+        )
+    if mode == "prefix":
+        if prefix_lens is None:
+            raise ValueError("mode='prefix' needs prefix_lens (one length per segment)")
+        if not isinstance(prefix_lens, torch.Tensor):
+            prefix_lens = torch.as_tensor(prefix_lens, device=q.device)
+        if prefix_lens.dtype not in (torch.int32, torch.int64) or prefix_lens.shape != (cu_seqlens_q.numel() - 1,):
+            raise ValueError(
+                f"prefix_lens must be an integer tensor of shape ({cu_seqlens_q.numel() - 1},), got "
+                f"{prefix_lens.dtype} {tuple(prefix_lens.shape)}"
+            )
+        prefix_lens = prefix_lens.to(device=q.device, dtype=torch.int32)
+        if check_values:
+            lk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+            for s, (p, n) in enumerate(zip(prefix_lens.tolist(), lk, strict=True)):
+                if not 0 <= p <= n:
+                    raise ValueError(f"prefix_lens[{s}] = {p} is outside [0, {n}] (segment {s} has {n} keys)")
+    elif prefix_lens is not None:
+        raise ValueError(f"prefix_lens is only used with mode='prefix', got mode={mode!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[2])
+    elif (
+        isinstance(softmax_scale, bool)
+        or not isinstance(softmax_scale, (int, float))
+        or not math.isfinite(softmax_scale)
+    ):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
+    return MODES[mode], float(softmax_scale), prefix_lens
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+def _fwd_fake(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+def _bwd_fake(
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _autograd_for(bwd):
+    """setup_context and backward for a forward op returning (out, lse), whose gradients come from ``bwd``."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, mode, prefix_lens, scale, p, seed, offset = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, prefix_lens)
+        ctx.args = (max_q, max_k, mode, scale, p, seed, offset)
+
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_q, cu_k, prefix_lens = ctx.saved_tensors
+        max_q, max_k, mode, scale, p, seed, offset = ctx.args
+        dq, dk, dv = bwd(
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, mode, prefix_lens, scale, p, seed, offset
+        )
+        return (dq, dk, dv) + (None,) * 10
+
+    return setup_context, backward
+
+
+torch.library.register_fake("mmcore::packed_attention_fwd")(_fwd_fake)
+torch.library.register_fake("mmcore::packed_attention_bwd")(_bwd_fake)
+_setup, _backward = _autograd_for(lambda *a: _library.op("packed_attention_bwd")(*a))
+torch.library.register_autograd("mmcore::packed_attention_fwd", _backward, setup_context=_setup)
+
+
+def _load_triton_ops():
+    """triton_op wrappers of kernels/packed_attention.py's launchers, or None without Triton."""
+    if (
+        importlib.util.find_spec("triton") is None
+        or importlib.util.find_spec("mmcore.kernels.packed_attention") is None
+    ):
+        return None
+    from mmcore.kernels import packed_attention as kernels
+
+    bwd = torch.library.triton_op("mmcore::packed_attention_bwd_triton", kernels._packed_attention_bwd, mutates_args=())
+    bwd.register_fake(_bwd_fake)
+    fwd = torch.library.triton_op("mmcore::packed_attention_fwd_triton", kernels._packed_attention_fwd, mutates_args=())
+    # NOTE: explicit fakes, as for the codec: under TRITON_INTERPRET=1 the traced launcher would run the interpreter.
+    fwd.register_fake(_fwd_fake)
+    setup, backward = _autograd_for(bwd)
+    fwd.register_autograd(backward, setup_context=setup)
+    return fwd
+
+
+_triton_fwd = _load_triton_ops()
+
+
+def _run_cpp(*args):
+    return _library.op("packed_attention_fwd")(*args)
+
+
+def _run_triton(*args):
+    return _triton_fwd(*args)
+
+
+def _run_torch(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    # float32 math for half inputs (the CPU has no fast half matmul); the reference's own dtype otherwise.
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    name = next(n for n, c in MODES.items() if c == mode)
+    out, lse = packed_attention_ref(
+        q.to(compute),
+        k.to(compute),
+        v.to(compute),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        mode=name,
+        prefix_lens=prefix_lens,
+        softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        seed=seed,
+        offset=offset,
+        upcast=False,
+        return_lse=True,
+    )
+    return out.to(q.dtype), lse
+
+
+def _triton_supports(q, *args):
+    d = q.shape[2]
+    if not (32 <= d <= 128 and d % 16 == 0):
+        return f"head_dim {d} is not a multiple of 16 in [32, 128]"
+    return None
+
+
+PACKED_ATTENTION = Op(
+    "packed_attention",
+    [
+        Backend(
+            "triton",
+            _run_triton,
+            ("cuda", "cpu"),
+            (torch.float16, torch.bfloat16, torch.float32),
+            check=_triton_supports,
+            auto_on_cpu=False,
+        ),
+        Backend("cpp", _run_cpp, ("cpu",), _DTYPES, needs=extension_kernel("packed_attention_fwd")),
+        Backend("torch", _run_torch, ("cpu", "cuda"), _DTYPES),
+    ],
+)
+
+
+def _dropout_seed(dropout_p: float, dropout_seed: int | None) -> int:
+    if dropout_p == 0.0:
+        return 0
+    if dropout_seed is not None:
+        return int(dropout_seed)
+    return int(torch.randint(0, 2**62, (1,)))
+
+
+# ------------------------------------------------------------------------------------- public functions
+
+
+def packed_attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    *,
+    mode="full",
+    prefix_lens=None,
+    softmax_scale=None,
+    dropout_p=0.0,
+    backend=None,
+    dropout_seed=None,
+    validate=None,
+    return_lse=False,
+):
+    """Attention over packed segments without padding and without a materialised mask.
+
+    q: (total_q, heads, head_dim); k, v: (total_k, heads_kv, head_dim), heads a multiple of heads_kv;
+    cu_seqlens_q, cu_seqlens_k: int32 (segments + 1,) offsets starting at 0; max_seqlen_q/k: ints at least
+    the longest segment. mode: "full", "causal" (bottom-right aligned) or "prefix" with ``prefix_lens``
+    (segments,). softmax_scale defaults to head_dim ** -0.5. dropout_p > 0 drops attention probabilities
+    with a counter-based RNG; ``dropout_seed`` makes it reproducible (else a seed is drawn from torch's
+    default generator). validate: check cu_seqlens / prefix_lens values (default: on CPU tensors only,
+    since it reads them on the host). Returns out (total_q, heads, head_dim), and with return_lse also the
+    log-sum-exp (heads, total_q) float32. Differentiable in q, k, v.
+    """
+    mode_code, scale, prefix_lens = check_packed_args(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        mode,
+        prefix_lens,
+        softmax_scale,
+        dropout_p,
+        validate,
+    )
+    seed = _dropout_seed(dropout_p, dropout_seed)
+    out, lse = PACKED_ATTENTION(
+        q.device.type,
+        q.dtype,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        mode_code,
+        prefix_lens,
+        scale,
+        float(dropout_p),
+        seed,
+        0,
+        backend=backend,
+    )
+    return (out, lse) if return_lse else out
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, backend=None):
+    """Dense attention in the (batch, seqlen, heads, head_dim) layout -- image-patch attention at any length
+    (257 tokens for ViT-L/14 at 224) -- served by the packed kernels with one segment per batch row.
+
+    q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim). causal is
+    bottom-right aligned when seqlen_q < seqlen_k. Returns (batch, seqlen_q, heads, head_dim)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape (batch, seqlen, heads, head_dim), got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    cu_q = (
+        torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32, device=q.device)
+        if lq
+        else torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    )
+    cu_k = (
+        torch.arange(0, (b + 1) * lk, lk, dtype=torch.int32, device=q.device)
+        if lk
+        else torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    )
+    out = packed_attention(
+        q.reshape(b * lq, h, d),
+        k.reshape(b * lk, *k.shape[2:]),
+        v.reshape(b * lk, *v.shape[2:]),
+        cu_q,
+        cu_k,
+        lq,
+        lk,
+        mode="causal" if causal else "full",
+        softmax_scale=softmax_scale,
+        backend=backend,
+        validate=False,
+    )
+    return out.reshape(b, lq, h, d)

@@ -23,7 +23,7 @@ import importlib.util
 import torch
 
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op
+from mmcore.ops._dispatch import Backend, Op, extension_kernel
 
 ROUNDINGS = ("hf", "unilm")
 MAX_NUM_BINS = 1 << 20  # keeps num_bins**2 and all index arithmetic far inside int64 (as csrc/grounding/codec.cpp)
@@ -170,7 +170,7 @@ BOXES_TO_LOC_INDICES = Op(
     "boxes_to_loc_indices",
     [
         Backend("triton", _encode_triton, ("cuda", "cpu"), auto_on_cpu=False),
-        Backend("cpp", _encode_cpp, ("cpu",), _FLOATS),
+        Backend("cpp", _encode_cpp, ("cpu",), _FLOATS, needs=extension_kernel("boxes_to_loc_indices")),
         Backend("torch", _encode_torch, _ANY),
     ],
 )
@@ -178,7 +178,7 @@ LOC_INDICES_TO_BOXES = Op(
     "loc_indices_to_boxes",
     [
         Backend("triton", _decode_triton, ("cuda", "cpu"), auto_on_cpu=False),
-        Backend("cpp", _decode_cpp, ("cpu",)),
+        Backend("cpp", _decode_cpp, ("cpu",), needs=extension_kernel("loc_indices_to_boxes")),
         Backend("torch", _decode_torch, _ANY),
     ],
 )
