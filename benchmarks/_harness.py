@@ -138,22 +138,23 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip()
-
-
-def git_commit() -> str:
-    """``git rev-parse --short HEAD``, with ``-dirty`` when tracked or untracked files differ from it."""
-    head = _git("rev-parse", "--short", "HEAD")
-    if head is None:
-        return "unknown"
-    return head + ("-dirty" if _git("status", "--porcelain") else "")
+    return out.stdout
 
 
 def dirty_paths(limit: int = 20) -> list[str]:
-    """The paths that make the tree dirty (first ``limit``), so a reader can tell whether they touch the code
-    that was measured."""
-    status = _git("status", "--porcelain") or ""
+    """The paths where the tree differs from HEAD (first ``limit``; result files excluded), so a reader can
+    tell whether they touch the code that was measured."""
+    status = _git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results") or ""
     return [line[3:] for line in status.splitlines()][:limit]
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD``, with ``-dirty`` when tracked or untracked files (other than result files)
+    differ from it."""
+    head = _git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return "unknown"
+    return head.strip() + ("-dirty" if dirty_paths(1) else "")
 
 
 def cpu_name() -> str:
