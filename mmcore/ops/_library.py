@@ -28,7 +28,9 @@ SCHEMAS: dict[str, str] = {
         "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int mode, Tensor? prefix_lens, "
         "float softmax_scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)"
     ),
-    # Host-side tile schedule for the Triton kernels (see kernels/packed_attention.py).
+    # Host-side tile schedule for the Triton kernels (kernels/packed_attention.py): int32 (segments + total //
+    # block_size, 2) rows (segment, tile start in the segment), unused rows (-1, -1).
+    "packed_attention_schedule": "(Tensor cu_seqlens, int total, int block_size) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
