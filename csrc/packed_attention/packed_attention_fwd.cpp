@@ -1,0 +1,148 @@
+// Packed attention forward on CPU: FlashAttention's online softmax over (block_q x block_k) score tiles, one
+// work item per (segment, query head, query block), Q K^T and P V as MKL GEMMs on tiles.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "packed_attention/kernel_utils.h"
+
+namespace mmcore::packed_attention {
+namespace {
+
+// Tile sizes, tuned on the benchmark case (4,096 tokens, causal segments of 512, 8 heads x 64, float32, 2
+// threads, Zen 4): block_k 512 keeps a (64 x 512) float32 score tile (128 KiB) in L2 and makes the GEMMs
+// long enough to amortise their call overhead; block_q 64 leaves enough work items to balance threads and
+// limits the masked triangle computed in a causal diagonal tile.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
+
+struct FwdItem {
+  int64_t segment, head, q_begin, cost;
+};
+
+template <typename acc_t>
+struct FwdWorkspace {
+  std::vector<acc_t> scores, acc, q, k, v, row_max, row_sum;
+};
+
+template <typename scalar_t, Mode kMode>
+void packed_attention_fwd_impl(const Params& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+  const int64_t d = p.head_dim, heads = p.heads, group = p.heads / p.heads_kv;
+  const int64_t ld_q = heads * d, ld_kv = p.heads_kv * d;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
+  const int64_t block_q = std::max<int64_t>(std::min(kBlockQ, p.max_seqlen_q), 1);
+  const int64_t block_k = std::max<int64_t>(std::min(kBlockK, p.max_seqlen_k), 1);
+
+  std::vector<FwdItem> items;
+  for (int64_t s = 0; s < p.num_segments; ++s) {
+    const Segment seg = Segment::at(p, s);
+    for (int64_t i0 = 0; i0 < seg.lq; i0 += block_q) {
+      const int64_t rows = std::min(block_q, seg.lq - i0);
+      // Work ~ the score tiles' area plus reading Q and writing O.
+      const int64_t cost = rows * (seg.template visible<kMode>(i0 + rows - 1) + 2 * d);
+      for (int64_t h = 0; h < heads; ++h) items.push_back({s, h, i0, cost});
+    }
+  }
+
+  auto make_workspace = [&] {
+    FwdWorkspace<acc_t> ws;
+    ws.scores.resize(block_q * block_k);
+    ws.acc.resize(block_q * d);
+    if (kConvert) {
+      ws.q.resize(block_q * d);
+      ws.k.resize(block_k * d);
+      ws.v.resize(block_k * d);
+    }
+    ws.row_max.resize(block_q);
+    ws.row_sum.resize(block_q);
+    return ws;
+  };
+
+  auto body = [&](const FwdItem& item, FwdWorkspace<acc_t>& ws) {
+    const Segment seg = Segment::at(p, item.segment);
+    const int64_t h = item.head, kv_head = h / group, i0 = item.q_begin;
+    const int64_t rows = std::min(block_q, seg.lq - i0);
+    const int64_t keys_end = seg.template visible<kMode>(i0 + rows - 1);  // keys any row of the block sees
+    const int64_t keys_all = seg.template visible<kMode>(i0);             // keys every row of the block sees
+    acc_t* scores = ws.scores.data();
+    acc_t* acc = ws.acc.data();
+    acc_t* m = ws.row_max.data();
+    acc_t* l = ws.row_sum.data();
+    std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
+    std::fill(l, l + rows, acc_t(0));
+
+    int64_t ld_qt, ld_kt, ld_vt;
+    const acc_t* q_tile = load_rows(q + ((seg.q0 + i0) * heads + h) * d, rows, ld_q, d, ws.q.data(), ld_qt);
+    for (int64_t j0 = 0; j0 < keys_end; j0 += block_k) {
+      const int64_t n = std::min(block_k, keys_end - j0);
+      const scalar_t* k_src = k + ((seg.k0 + j0) * p.heads_kv + kv_head) * d;
+      const scalar_t* v_src = v + ((seg.k0 + j0) * p.heads_kv + kv_head) * d;
+      const acc_t* k_tile = load_rows(k_src, n, ld_kv, d, ws.k.data(), ld_kt);
+      // S = scale * Q K^T, (rows x n), leading dimension n.
+      gemm_rm(false, true, rows, n, d, scale, q_tile, ld_qt, k_tile, ld_kt, acc_t(0), scores, n);
+      const bool all_visible = j0 + n <= keys_all;  // no row of this tile needs masking
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t* row = scores + r * n;
+        const int64_t cnt =
+            all_visible ? n : std::clamp<int64_t>(seg.template visible<kMode>(i0 + r) - j0, 0, n);
+        if (cnt == 0) {
+          std::fill(row, row + n, acc_t(0));
+          continue;
+        }
+        const acc_t m_new = std::max(m[r], row_ops::row_max(row, cnt));
+        const acc_t sum = row_ops::exp_sub_sum(row, cnt, m_new);
+        std::fill(row + cnt, row + n, acc_t(0));
+        if (j0 == 0) {
+          l[r] = sum;
+        } else {
+          // A row that sees a key of this tile saw all keys of the earlier tiles, so m[r] is finite.
+          const acc_t alpha = std::exp(m[r] - m_new);
+          l[r] = l[r] * alpha + sum;
+          if (alpha != acc_t(1)) row_ops::scale(acc + r * d, d, alpha);
+        }
+        m[r] = m_new;
+        if (p.dropout) {
+          const uint64_t counter =
+              p.offset + (static_cast<uint64_t>(h * p.total_q + seg.q0 + i0 + r) * p.max_seqlen_k + j0);
+          row_ops::dropout(row, row, cnt, p.seed, counter, p.threshold, keep_scale);
+        }
+      }
+      const acc_t* v_tile = load_rows(v_src, n, ld_kv, d, ws.v.data(), ld_vt);
+      // O = O + P V (the first tile initialises O; rows with no key in it get P = 0).
+      gemm_rm(false, false, rows, d, n, acc_t(1), scores, n, v_tile, ld_vt, j0 == 0 ? acc_t(0) : acc_t(1),
+                     acc, d);
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t row = seg.q0 + i0 + r;
+      scalar_t* dst = out + (row * heads + h) * d;
+      if (l[r] > acc_t(0)) {
+        row_ops::scale(acc + r * d, d, acc_t(1) / l[r]);
+        row_ops::convert(acc + r * d, dst, d);
+        p.lse[h * p.total_q + row] = static_cast<float>(m[r] + std::log(l[r]));
+      } else {  // no visible key
+        std::fill(dst, dst + d, scalar_t(0));
+        p.lse[h * p.total_q + row] = std::numeric_limits<float>::infinity();
+      }
+    }
+  };
+
+  run_work_items(items, make_workspace, body);
+}
+
+}  // namespace
+
+void run_fwd_kernel(const Params& p, at::ScalarType dtype, Mode mode) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "packed_attention_fwd_cpu", [&] {
+    MMCORE_MODE_SWITCH(mode, kMode, [&] { packed_attention_fwd_impl<scalar_t, kMode>(p); });
+  });
+}
+
+}  // namespace mmcore::packed_attention
