@@ -28,6 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The machine's 1-minute load average when the benchmark started (this module is imported first): on a shared
+# CPU, other work at the start means noisy numbers; it is stored with every result and warned about.
+LOADAVG_AT_START = os.getloadavg()[0]
+
 # Seconds of measurement per implementation on the CPU (blocked_autorange's min_run_time).
 CPU_MIN_RUN_TIME = 2.0
 CPU_MIN_RUN_TIME_QUICK = 0.2
@@ -190,7 +194,8 @@ def environment(device: str) -> dict:
         "device_name": device_name(device),
         "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
-        "loadavg_1min": os.getloadavg()[0],  # other work on the machine while timing (CPU numbers are shared cores)
+        "loadavg_start": LOADAVG_AT_START,
+        "loadavg_end": os.getloadavg()[0],  # includes this benchmark's own threads
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -280,6 +285,11 @@ def report(
     print(format_table(results))
     print("\n".join(formulas))
     print("x vs P: throughput of the mmcore implementation / throughput of peer P, both measured in this run.")
+    if LOADAVG_AT_START > 0.5:
+        print(
+            f"WARNING: load average {LOADAVG_AT_START:.2f} when this run started: other work shared the CPU, "
+            "so these numbers are unreliable."
+        )
 
     lines = [
         json.dumps(
