@@ -13,6 +13,7 @@ from mmcore.ops.grounding import (
     loc_indices_to_boxes,
     loc_indices_to_boxes_ref,
 )
+from mmcore.ops.decoding import DecodeState, GroundingTokens, grounded_decode_step, grounded_decode_step_ref
 
 __all__ = [
     "MODES",
@@ -28,5 +29,9 @@ __all__ = [
     "boxes_to_loc_indices_ref",
     "loc_indices_to_boxes",
     "loc_indices_to_boxes_ref",
+    "DecodeState",
+    "GroundingTokens",
+    "grounded_decode_step",
+    "grounded_decode_step_ref",
     "ops",
 ]

@@ -14,6 +14,16 @@ SCHEMAS: dict[str, str] = {
     # grounding codec: (..., 4) float boxes -> (..., 2) int64 cell indices, and back to float64 boxes
     "boxes_to_loc_indices": "(Tensor boxes, int num_bins, str rounding) -> Tensor",
     "loc_indices_to_boxes": "(Tensor indices, int num_bins) -> Tensor",
+    # fused decoding step (mmcore/ops/decoding.py): logits (batch, vocab) -> next tokens (batch,) int64, advancing
+    # the per-row state in place. special_tokens: GroundingTokens fields in order (phrase_open, phrase_close,
+    # object_open, object_close, delimiter, first_loc, num_bins, eos, pad). scores: optional (batch, vocab)
+    # float32 output of the processed logits.
+    "grounded_decode_step": (
+        "(Tensor logits, Tensor(a!) sequences, Tensor(b!) lengths, Tensor starts, Tensor(c!) box_state, "
+        "Tensor(d!) top_left, Tensor(e!) steps, Tensor(f!) finished, Tensor(g!)? scores, int[] special_tokens, "
+        "int no_repeat_ngram_size, int min_new_tokens, bool do_sample, float temperature, int top_k, float top_p, "
+        "int seed, bool constrain_boxes) -> Tensor"
+    ),
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).
