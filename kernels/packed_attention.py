@@ -38,6 +38,7 @@ same draw as ``mmcore.ops._philox``), and kept probabilities are scaled by 1 / (
 the mask from the same counters.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
@@ -820,33 +821,37 @@ class _Tiles:
     num_stages: int
 
 
-# Block sizes for H100 (sm90), 16-bit inputs. NOTE: not measured -- no GPU was available when they were chosen;
-# they are the usual FlashAttention-2-in-Triton starting points, sized by shared memory and registers:
-#  - forward 128 x 64: the Triton fused-attention tutorial's and FA2's forward tile. At d = 128 the Q tile (32 KiB)
-#    plus 3 stages of K and V (3 x 32 KiB) fit in 228 KiB of shared memory; 8 warps keep the (128, 128) fp32
-#    accumulator at 64 registers per thread. At d <= 64, 4 warps.
-#  - dK/dV 32 queries x 128 keys, dQ 128 queries x 32 keys: the tutorial's backward tiles (a long tile on the
-#    side that is accumulated, a short one on the side that is streamed); 8 warps above d = 64 keep dK + dV
-#    (2 x 128 x 128 fp32) at 128 registers per thread.
-# Float32 (ieee dots on CUDA cores, a correctness path): 64 x 32, 2 stages, so d = 128 fits in shared memory.
-# To be tuned with benchmarks/bench_packed_attention.py on the GPU (triton.testing.do_bench over these tables);
-# @triton.autotune is left out because it needs a GPU driver to import-time benchmark and the interpreter has none.
+# Block sizes for H100 (sm90). NOTE: not timed -- no GPU was available. Chosen by compiling every kernel for sm90
+# with Triton 3.9 on the CPU machine (triton.compile with a GPUTarget, 16-byte-divisible pointers and strides as
+# the JIT specialises them, then ptxas -v) over head dims 32-128, causal and prefix + dropout, and taking the
+# largest tiles with no register spills that keep K/V loads pipelined (cp.async) into wgmma:
+#  - forward 128 x 64, 8 warps, 3 stages: no spills at any head dim, with or without dropout (4 warps spills
+#    124-1978 bytes at d = 64-128, and 2-4 KiB with dropout; 128 x 128 spills with dropout). 128 KiB of shared
+#    memory at d = 128.
+#  - dK/dV 32 queries x 128 keys, 8 warps, 2 stages (the Triton tutorial's backward tile): no spills without
+#    dropout up to d = 128 except 28 bytes at d = 112, 8-80 bytes with dropout at d >= 80; 4 warps or 64 x 128
+#    spill hundreds of bytes to KiBs.
+#  - dQ 128 queries x 32 keys, 8 warps: no spills anywhere (128 x 64 spills with dropout).
+# 8 warps everywhere also means two warpgroups per 128-row tile. Float32 uses ieee dots on CUDA cores (a
+# correctness path): 32 x 32 tiles; 4 warps up to d = 64, 8 above (still 32-412 bytes of spills at d = 128).
+# To be tuned by timing on the GPU (triton.testing.do_bench over these tables); @triton.autotune is left out
+# because it needs a GPU driver to benchmark and the interpreter has none.
 def _fwd_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
-        return _Tiles(64, 32, 4, 2)
-    return _Tiles(128, 64, 4, 3) if head_dim <= 64 else _Tiles(128, 64, 8, 3)
+        return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
+    return _Tiles(128, 64, 8, 3)
 
 
 def _dkdv_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
-        return _Tiles(32, 64, 4, 2)
-    return _Tiles(32, 128, 4, 3) if head_dim <= 64 else _Tiles(32, 128, 8, 2)
+        return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
+    return _Tiles(32, 128, 8, 2)
 
 
 def _dq_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
-        return _Tiles(64, 32, 4, 2)
-    return _Tiles(128, 32, 4, 3) if head_dim <= 64 else _Tiles(128, 32, 8, 2)
+        return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
+    return _Tiles(128, 32, 8, 3 if head_dim <= 64 else 2)
 
 
 def head_dim_chunks(head_dim: int) -> tuple[int, int, int]:
@@ -918,19 +923,20 @@ def build_schedule(cu_seqlens: torch.Tensor, total: int, block_size: int) -> tor
     device = cu_seqlens.device
     if num_segments <= 0 or capacity == 0:
         return torch.full((capacity, 2), -1, dtype=torch.int32, device=device)
-    cu = cu_seqlens.to(torch.int64)
-    tiles = (cu[1:] - cu[:-1] + (block_size - 1)) // block_size  # (segments,)
-    ends = torch.cumsum(tiles, 0)
-    item = torch.arange(capacity, dtype=torch.int64, device=device)
-    seg = torch.searchsorted(ends, item, right=True)  # the segment whose tiles contain item; num_segments: none
-    valid = seg < num_segments
-    seg_c = seg.clamp(max=num_segments - 1)
-    start = (item - (ends[seg_c] - tiles[seg_c])) * block_size
-    out = torch.stack([torch.where(valid, seg, -1), torch.where(valid, start, -1)], 1)
-    return out.to(torch.int32)
+    # int32 throughout: item < capacity <= segments + total and start <= total.
+    tiles = torch.diff(cu_seqlens.to(torch.int32)).add_(block_size - 1).div_(block_size, rounding_mode="floor")
+    ends = torch.cumsum(tiles, 0, dtype=torch.int32)  # (segments,) one past each segment's last item
+    item = torch.arange(capacity, dtype=torch.int32, device=device)
+    seg = torch.searchsorted(ends, item, right=True, out_int32=True)  # == num_segments past the last item
+    first = torch.nn.functional.pad(ends - tiles, (0, 1))  # each segment's first item, and a sentinel
+    out = torch.stack([seg, (item - first[seg]) * block_size], 1)
+    return out.masked_fill_((seg == num_segments)[:, None], -1)
 
 
 _CPP_SCHEDULE: Optional[bool] = None  # noqa: UP045
+# (id(cu_seqlens), its version counter, total, block_size) -> (cu_seqlens, schedule), most recent last.
+_SCHEDULE_CACHE: "OrderedDict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+_SCHEDULE_CACHE_SIZE = 32
 
 
 def _cpp_schedule_available() -> bool:
@@ -945,10 +951,31 @@ def _cpp_schedule_available() -> bool:
 
 
 def _schedule(cu_seqlens: torch.Tensor, total: int, block_size: int) -> torch.Tensor:
-    """The C++ op for real CPU tensors (the interpreter path), the torch-ops builder on GPUs and when traced."""
-    if cu_seqlens.device.type == "cpu" and not is_fake(cu_seqlens) and _cpp_schedule_available():
-        return torch.ops.mmcore.packed_attention_schedule(cu_seqlens, total, block_size)
-    return build_schedule(cu_seqlens, total, block_size)
+    """The schedule of cu_seqlens: the C++ op for real CPU tensors (the interpreter path), the torch-ops builder
+    on GPUs and when traced.
+
+    Eagerly, schedules are cached per cu_seqlens tensor object and its version counter (the cache holds the
+    tensor, so its id is not reused): every layer of a model, forward and backward, passes the same cu_seqlens,
+    and building a schedule is about fifteen small launches -- as long as the attention kernel itself for a few
+    ViT images. NOTE: a write that bypasses autograd's version counter (``.data``, a raw kernel) is not seen."""
+    traced = is_fake(cu_seqlens) or torch.compiler.is_compiling()
+    # Inference tensors have no version counter, so they are never cached.
+    cacheable = not traced and not cu_seqlens.is_inference()
+    key = (id(cu_seqlens), cu_seqlens._version, total, block_size) if cacheable else None
+    if cacheable:
+        hit = _SCHEDULE_CACHE.get(key)
+        if hit is not None and hit[0] is cu_seqlens:
+            _SCHEDULE_CACHE.move_to_end(key)
+            return hit[1]
+    if cu_seqlens.device.type == "cpu" and not traced and _cpp_schedule_available():
+        schedule = torch.ops.mmcore.packed_attention_schedule(cu_seqlens, total, block_size)
+    else:
+        schedule = build_schedule(cu_seqlens, total, block_size)
+    if cacheable:
+        _SCHEDULE_CACHE[key] = (cu_seqlens, schedule)
+        while len(_SCHEDULE_CACHE) > _SCHEDULE_CACHE_SIZE:
+            _SCHEDULE_CACHE.popitem(last=False)
+    return schedule
 
 
 # ----------------------------------------------------------------------------------------------------------------
