@@ -19,7 +19,8 @@ Schedule: one work item per (segment, tile) -- ``(segment, tile start within the
 without reading ``cu_seqlens``); rows past the last item are ``(-1, -1)`` and their programs exit. Built by
 ``build_schedule`` (torch ops, any device, no host sync) or the C++ op ``mmcore::packed_attention_schedule``
 (csrc/packed_attention/schedule.cpp, CPU); both give the same tensor. The forward and dQ kernels take a query-tile
-schedule of ``cu_seqlens_q``, the dK/dV kernel a key-tile schedule of ``cu_seqlens_k``.
+schedule of ``cu_seqlens_q``, the dK/dV kernel a key-tile schedule of ``cu_seqlens_k``. Launchers cache schedules
+per cu_seqlens tensor (``_schedule``), so the layers of a model share them.
 
 Head dims are split into power-of-two chunks (80 = 64 + 16, 96 = 64 + 32, 112 = 64 + 32 + 16), one ``tl.dot``
 each, so no multiply-add is spent on padding; only a head dim that is not a sum of at most three powers of two
@@ -854,6 +855,11 @@ def _dq_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     return _Tiles(128, 32, 8, 3 if head_dim <= 64 else 2)
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    # NOTE: float32 tl.dot defaults to TF32 on NVIDIA GPUs (10-bit mantissa); the float32 path must be float32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def head_dim_chunks(head_dim: int) -> tuple[int, int, int]:
     """The head dim as up to three power-of-two chunks >= 16 (0 for an absent chunk): 80 -> (64, 16, 0),
     96 -> (64, 32, 0), 112 -> (64, 32, 16). Only when three chunks do not sum to head_dim exactly (e.g. 40,
@@ -978,6 +984,57 @@ def _schedule(cu_seqlens: torch.Tensor, total: int, block_size: int) -> torch.Te
     return schedule
 
 
+def tile_counts(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    mode: int,
+    prefix_lens: Optional[torch.Tensor] = None,  # noqa: UP045
+    *,
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, int]:
+    """Tiles the kernels visit for a layout, per head, against the minimum: the number of (query tile, key
+    tile) pairs of the segment-local tiling that hold at least one visible (query, key) pair, counted from
+    the materialised mask. Keys ``{fwd,dkdv,dq}_{visited,masked,minimum}`` (forward and dQ programs walk key
+    tiles of their query tile, dK/dV programs query tiles of their key tile; "masked" ones apply the mask).
+    Runs the counting kernel on cu_seqlens' device (a GPU, or CPU under TRITON_INTERPRET=1); synchronises."""
+    from mmcore.ops.attention import visible_mask
+
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
+    mode_c, prefix = _mode_args(mode, prefix_lens, cu_seqlens_q)
+    total_q, total_k = int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    plens = prefix_lens.tolist() if (mode == 2 and prefix_lens is not None) else [0] * (len(cq) - 1)
+    mode_name = ("full", "causal", "prefix")[mode]
+    result = {}
+    for name, tiles, key_tiles in (
+        ("fwd", _fwd_tiles(head_dim, dtype), False),
+        ("dkdv", _dkdv_tiles(head_dim, dtype), True),
+        ("dq", _dq_tiles(head_dim, dtype), False),
+    ):
+        bm, bn = tiles.BLOCK_M, tiles.BLOCK_N
+        schedule = _schedule(cu_seqlens_k if key_tiles else cu_seqlens_q, total_k if key_tiles else total_q,
+                             bn if key_tiles else bm)  # fmt: skip
+        counts = torch.empty((schedule.shape[0], 2), dtype=torch.int32, device=schedule.device)
+        if schedule.shape[0]:
+            wrap_triton(_count_tiles_kernel)[(schedule.shape[0],)](
+                cu_seqlens_q, cu_seqlens_k, prefix, schedule, counts,
+                MODE=mode_c, KEY_TILES=key_tiles, BLOCK_M=bm, BLOCK_N=bn,
+            )  # fmt: skip
+        minimum = 0
+        for s in range(len(cq) - 1):
+            lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+            if lq == 0 or lk == 0:
+                continue
+            vis = torch.zeros(triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn, dtype=torch.bool)
+            vis[:lq, :lk] = visible_mask(lq, lk, mode_name, plens[s])
+            minimum += int(vis.reshape(-1, bm, vis.shape[1] // bn, bn).any(3).any(1).sum())
+        result[f"{name}_visited"] = int(counts[:, 0].sum())
+        result[f"{name}_masked"] = int(counts[:, 1].sum())
+        result[f"{name}_minimum"] = minimum
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -1095,59 +1152,3 @@ def _packed_attention_bwd(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     return dq, dk, dv
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # NOTE: float32 tl.dot defaults to TF32 on NVIDIA GPUs (10-bit mantissa); the float32 path must be float32.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def tile_counts(
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    mode: int,
-    prefix_lens: Optional[torch.Tensor] = None,  # noqa: UP045
-    *,
-    head_dim: int = 64,
-    dtype: torch.dtype = torch.float16,
-) -> dict[str, int]:
-    """Tiles the kernels visit for a layout, per head, against the minimum: the number of (query tile, key
-    tile) pairs of the segment-local tiling that hold at least one visible (query, key) pair, counted from
-    the materialised mask. Keys ``{fwd,dkdv,dq}_{visited,masked,minimum}`` (forward and dQ programs walk key
-    tiles of their query tile, dK/dV programs query tiles of their key tile; "masked" ones apply the mask).
-    Runs the counting kernel on cu_seqlens' device (a GPU, or CPU under TRITON_INTERPRET=1); synchronises."""
-    from mmcore.ops.attention import visible_mask
-
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(torch.int32).contiguous(), cu_seqlens_k.to(torch.int32).contiguous()
-    mode_c, prefix = _mode_args(mode, prefix_lens, cu_seqlens_q)
-    total_q, total_k = int(cu_seqlens_q[-1]), int(cu_seqlens_k[-1])
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    plens = prefix_lens.tolist() if (mode == 2 and prefix_lens is not None) else [0] * (len(cq) - 1)
-    mode_name = ("full", "causal", "prefix")[mode]
-    result = {}
-    for name, tiles, key_tiles in (
-        ("fwd", _fwd_tiles(head_dim, dtype), False),
-        ("dkdv", _dkdv_tiles(head_dim, dtype), True),
-        ("dq", _dq_tiles(head_dim, dtype), False),
-    ):
-        bm, bn = tiles.BLOCK_M, tiles.BLOCK_N
-        schedule = _schedule(cu_seqlens_k if key_tiles else cu_seqlens_q, total_k if key_tiles else total_q,
-                             bn if key_tiles else bm)  # fmt: skip
-        counts = torch.empty((schedule.shape[0], 2), dtype=torch.int32, device=schedule.device)
-        if schedule.shape[0]:
-            wrap_triton(_count_tiles_kernel)[(schedule.shape[0],)](
-                cu_seqlens_q, cu_seqlens_k, prefix, schedule, counts,
-                MODE=mode_c, KEY_TILES=key_tiles, BLOCK_M=bm, BLOCK_N=bn,
-            )  # fmt: skip
-        minimum = 0
-        for s in range(len(cq) - 1):
-            lq, lk = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
-            if lq == 0 or lk == 0:
-                continue
-            vis = torch.zeros(triton.cdiv(lq, bm) * bm, triton.cdiv(lk, bn) * bn, dtype=torch.bool)
-            vis[:lq, :lk] = visible_mask(lq, lk, mode_name, plens[s])
-            minimum += int(vis.reshape(-1, bm, vis.shape[1] // bn, bn).any(3).any(1).sum())
-        result[f"{name}_visited"] = int(counts[:, 0].sum())
-        result[f"{name}_masked"] = int(counts[:, 1].sum())
-        result[f"{name}_minimum"] = minimum
-    return result
