@@ -245,6 +245,50 @@ def advance_box_state(
     return new, new_top_left
 
 
+def prefix_allowed_tokens_fn(tokens: GroundingTokens, vocab: int):
+    """The box grammar as a transformers ``prefix_allowed_tokens_fn(batch_id, input_ids) -> list[int]`` (for
+    ``generate`` or ``PrefixConstrainedLogitsProcessor``), in plain Python.
+
+    It reads the state from the sequence's tail: back over the trailing run of location and delimiter tokens to
+    the token before it (which alone fixes the state: ``</phrase>``, ``<object>`` or TEXT), then forward through
+    the run. The allowed lists are built once (bottom-right lists per top-left on first use). The tests use it as
+    an oracle independent of the batched implementations; benchmarks/bench_decoding.py as the transformers
+    baseline."""
+    first, end, nb = tokens.first_loc, tokens.loc_end, tokens.num_bins
+    closes = (tokens.object_close, tokens.delimiter)
+    text = [v for v in range(vocab) if not first <= v < end and v not in closes]
+    after_phrase, top_lefts, close = [tokens.object_open], list(range(first, end)), list(closes)
+    bottom_rights: dict[int, list[int]] = {}
+
+    def state_of(seq: list[int]) -> tuple[int, int]:
+        i = len(seq)
+        while i > 0 and (first <= seq[i - 1] < end or seq[i - 1] == tokens.delimiter):
+            i -= 1
+        before = seq[i - 1] if i > 0 else None
+        state = {tokens.phrase_close: AFTER_PHRASE, tokens.object_open: EXPECT_TOP_LEFT}.get(before, TEXT)
+        top_left = -1
+        for t in seq[i:]:
+            if t == tokens.delimiter:
+                state, top_left = (EXPECT_TOP_LEFT if state == EXPECT_CLOSE else TEXT), -1
+            elif state == EXPECT_TOP_LEFT:
+                state, top_left = EXPECT_BOTTOM_RIGHT, t - first
+            else:
+                state, top_left = (EXPECT_CLOSE if state == EXPECT_BOTTOM_RIGHT else TEXT), -1
+        return state, top_left
+
+    def allowed(batch_id: int, input_ids) -> list[int]:
+        state, top_left = state_of(input_ids.tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids))
+        if state == EXPECT_BOTTOM_RIGHT:
+            if top_left not in bottom_rights:
+                row, col = divmod(top_left, nb)
+                bottom_rights[top_left] = [first + r * nb + c for r in range(row, nb) for c in range(col, nb)]
+            return bottom_rights[top_left]
+        return {TEXT: text, AFTER_PHRASE: after_phrase, EXPECT_TOP_LEFT: top_lefts, EXPECT_CLOSE: close}[state]
+
+    allowed.state_of = state_of  # for tests: the (state, top_left) after a sequence
+    return allowed
+
+
 # ------------------------------------------------------------------------------------------ state
 
 
