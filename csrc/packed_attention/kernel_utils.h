@@ -134,7 +134,9 @@ void run_work_items(std::vector<Item>& items, const Setup& make_workspace, const
   const int64_t n = static_cast<int64_t>(items.size());
   if (n == 0) return;
   std::atomic<int64_t> next{0};
-  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), n);
+  // NOTE: at least two tasks even for one item: at::parallel_for runs a single task inline, outside any
+  // OpenMP parallel region, where MKL may thread each small tile GEMM itself; inside a region it does not.
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 2));
   at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
     auto ws = make_workspace();
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
