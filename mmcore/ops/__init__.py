@@ -5,6 +5,7 @@ can run an op here; every op takes ``backend=`` (or reads ``MMCORE_BACKEND``) to
 """
 
 from mmcore.ops import _library  # noqa: F401, I001  (schemas first: the extension registers kernels for them)
+from mmcore.ops.cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
 from mmcore.ops.attention import MODES, attention, packed_attention, packed_attention_ref
 from mmcore.ops._dispatch import BACKENDS, Backend, BackendError, Op, available_backends, ops
 from mmcore.ops.grounding import (
@@ -18,6 +19,8 @@ from mmcore.ops.decoding import DecodeState, GroundingTokens, grounded_decode_st
 __all__ = [
     "MODES",
     "attention",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
     "packed_attention",
     "packed_attention_ref",
     "BACKENDS",

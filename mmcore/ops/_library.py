@@ -41,6 +41,19 @@ SCHEMAS: dict[str, str] = {
     # Host-side tile schedule for the Triton kernels (kernels/packed_attention.py): int32 (segments + total //
     # block_size, 2) rows (segment, tile start in the segment), unused rows (-1, -1).
     "packed_attention_schedule": "(Tensor cu_seqlens, int total, int block_size) -> Tensor",
+    # fused linear cross-entropy: loss of cross_entropy(hidden @ weight.T + bias, labels) one chunk of rows of
+    # logits at a time. reduction: 0 none, 1 sum, 2 mean. Returns (loss: scalar or (N,), loss_rows (N,), lse (N,),
+    # argmax (N,) int64, dhidden, dweight, dbias) -- the gradients of `loss` (reduction 1/2, when compute_grad;
+    # empty tensors otherwise), float32 (float64 for float64 inputs).
+    "fused_linear_cross_entropy_fwd": (
+        "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, float label_smoothing, "
+        "int reduction, bool compute_grad, int chunk_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    # Gradients for reduction none: grad_rows (N,) weights each row's gradient; recomputes the logits chunk by chunk.
+    "fused_linear_cross_entropy_bwd": (
+        "(Tensor grad_rows, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, int ignore_index, "
+        "float label_smoothing, int chunk_rows) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
