@@ -284,6 +284,13 @@ def _autograd_for(bwd):
 
 torch.library.register_fake("mmcore::packed_attention_fwd")(_fwd_fake)
 torch.library.register_fake("mmcore::packed_attention_bwd")(_bwd_fake)
+
+
+@torch.library.register_fake("mmcore::packed_attention_schedule")
+def _schedule_fake(cu_seqlens, total, block_size):
+    return cu_seqlens.new_empty((cu_seqlens.numel() - 1 + total // block_size, 2), dtype=torch.int32)
+
+
 _setup, _backward = _autograd_for(lambda *a: _library.op("packed_attention_bwd")(*a))
 torch.library.register_autograd("mmcore::packed_attention_fwd", _backward, setup_context=_setup)
 
@@ -358,8 +365,8 @@ def _run_torch(
 
 def _triton_supports(q, *args):
     d = q.shape[2]
-    if not (32 <= d <= 128 and d % 16 == 0):
-        return f"head_dim {d} is not a multiple of 16 in [32, 128]"
+    if not (8 <= d <= 128 and d % 8 == 0):  # kernels/packed_attention.py: head_dim_supported
+        return f"head_dim {d} is not a multiple of 8 in [8, 128]"
     return None
 
 
