@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <utility>
@@ -103,15 +104,14 @@ inline uint32_t order_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// The largest key J with sum(w over keys >= J, keys >= key_k) >= mass, for mass > 0: the top-p cutoff (keep keys
-// >= J). A weighted histogram over the keys' top 11 bits finds J's bucket, a sort of that bucket finds J.
-uint32_t top_p_cutoff(const float* x, int64_t vocab, float best, uint32_t key_k, double mass,
+// The top-p cutoff for mass > 0: the largest key J with sum(w over keys >= J) >= mass (keep keys >= J). A weighted
+// histogram over the keys' top 11 bits finds J's bucket, a sort of that bucket's tokens finds J.
+uint32_t top_p_cutoff(const float* x, const float* w, int64_t vocab, double mass,
                       std::vector<std::pair<uint32_t, double>>& bucket) {
   constexpr int kShift = 21;
   std::array<double, (1u << (32 - kShift))> hist{};
   for (int64_t v = 0; v < vocab; ++v) {
-    const uint32_t key = order_key(x[v]);
-    if (key >= key_k) hist[key >> kShift] += static_cast<double>(std::exp(x[v] - best));
+    if (w[v] > 0.0f) hist[order_key(x[v]) >> kShift] += static_cast<double>(w[v]);
   }
   double above = 0.0;
   int64_t b = static_cast<int64_t>(hist.size()) - 1;
@@ -123,9 +123,7 @@ uint32_t top_p_cutoff(const float* x, int64_t vocab, float best, uint32_t key_k,
   bucket.clear();
   for (int64_t v = 0; v < vocab; ++v) {
     const uint32_t key = order_key(x[v]);
-    if (key >= key_k && static_cast<int64_t>(key >> kShift) == b) {
-      bucket.emplace_back(key, static_cast<double>(std::exp(x[v] - best)));
-    }
+    if (w[v] > 0.0f && static_cast<int64_t>(key >> kShift) == b) bucket.emplace_back(key, static_cast<double>(w[v]));
   }
   std::sort(bucket.begin(), bucket.end(), [](const auto& l, const auto& r) { return l.first > r.first; });
   for (size_t i = 0; i < bucket.size();) {
@@ -134,6 +132,43 @@ uint32_t top_p_cutoff(const float* x, int64_t vocab, float best, uint32_t key_k,
     if (above >= mass) return key;
   }
   return bucket.empty() ? 0 : bucket.back().first;  // rounding again: the bucket's smallest key
+}
+
+// Sets what the grammar does not allow in `state` to -inf (the ranges of allowed(), which the fallback uses).
+void ban_by_grammar(float* x, int64_t vocab, int64_t state, int64_t top_left, const Special& s) {
+  const int64_t first = s.first_loc, nb = s.num_bins, end = first + nb * nb;
+  auto fill = [&](int64_t lo, int64_t hi) { std::fill(x + lo, x + hi, kNegInf); };
+  auto keep_only = [&](std::initializer_list<int64_t> ids) {
+    std::array<float, 2> kept{};
+    size_t k = 0;
+    for (int64_t t : ids) kept[k++] = x[t];
+    fill(0, vocab);
+    k = 0;
+    for (int64_t t : ids) x[t] = kept[k++];
+  };
+  switch (state) {
+    case kText:
+      fill(first, end);
+      x[s.object_close] = x[s.delimiter] = kNegInf;
+      return;
+    case kAfterPhrase:
+      keep_only({s.object_open});
+      return;
+    case kExpectTopLeft:
+      fill(0, first);
+      fill(end, vocab);
+      return;
+    case kExpectBottomRight: {
+      fill(0, first);
+      fill(end, vocab);
+      const int64_t cell = std::clamp<int64_t>(top_left, 0, nb * nb - 1), row = cell / nb, col = cell % nb;
+      fill(first, first + row * nb);                                                  // rows above the top-left
+      for (int64_t r = row; r < nb; ++r) fill(first + r * nb, first + r * nb + col);  // columns left of it
+      return;
+    }
+    default:
+      keep_only({s.object_close, s.delimiter});
+  }
 }
 
 struct RowState {
@@ -148,16 +183,15 @@ struct RowState {
 
 template <typename scalar_t>
 int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64_t batch, int64_t row, RowState r,
-                   float* x, std::vector<float>& scratch, std::vector<std::pair<uint32_t, double>>& bucket,
+                   float* x, std::vector<float>& weights, std::vector<std::pair<uint32_t, double>>& bucket,
                    const Special& s, const Options& o) {
-  // masks (and temperature) into the workspace
-  const bool suppress_eos = r.step < o.min_new_tokens;
-  for (int64_t v = 0; v < vocab; ++v) {
-    const bool ok = !(suppress_eos && v == s.eos) && (!o.constrain || allowed(v, r.box_state, r.top_left, s));
-    float val = static_cast<float>(logits[v]);
-    if (o.do_sample) val = val / o.temperature;
-    x[v] = ok ? val : kNegInf;
+  // logits (/ temperature) into the workspace, then the grammar's and min-new-tokens' bans
+  for (int64_t v = 0; v < vocab; ++v) x[v] = static_cast<float>(logits[v]);
+  if (o.do_sample) {
+    for (int64_t v = 0; v < vocab; ++v) x[v] = x[v] / o.temperature;
   }
+  if (o.constrain) ban_by_grammar(x, vocab, r.box_state, r.top_left, s);
+  if (r.step < o.min_new_tokens) x[s.eos] = kNegInf;
   // no-repeat-n-gram over seq[start, length): window j bans its last token when its first n - 1 match the tail
   const int64_t n = o.ngram;
   if (n > 0 && r.length - r.start >= n) {
@@ -193,37 +227,39 @@ int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64
     uint32_t key_cut = 0;
     const bool has_k = o.top_k > 0 && o.top_k < vocab, has_p = o.top_p < 1.0;
     if (has_k) {
-      scratch.assign(x, x + vocab);
-      std::nth_element(scratch.begin(), scratch.begin() + (o.top_k - 1), scratch.end(), std::greater<float>());
-      key_cut = order_key(scratch[o.top_k - 1]);
+      weights.assign(x, x + vocab);
+      std::nth_element(weights.begin(), weights.begin() + (o.top_k - 1), weights.end(), std::greater<float>());
+      key_cut = order_key(weights[o.top_k - 1]);
     }
+    // weights exp(x - max) of the tokens top-k keeps, 0 elsewhere: the only exp pass
+    weights.resize(vocab);
+    float* w = weights.data();
+    for (int64_t v = 0; v < vocab; ++v) w[v] = order_key(x[v]) >= key_cut ? std::exp(x[v] - best) : 0.0f;
     if (has_p) {
       double total = 0.0;
-      for (int64_t v = 0; v < vocab; ++v) {
-        if (order_key(x[v]) >= key_cut) total += static_cast<double>(std::exp(x[v] - best));
-      }
+      for (int64_t v = 0; v < vocab; ++v) total += static_cast<double>(w[v]);
       const double mass = o.top_p * total;
-      uint32_t key_p = mass > 0.0 ? top_p_cutoff(x, vocab, best, key_cut, mass, bucket) : 0xFFFFFFFFu;
+      uint32_t key_p = mass > 0.0 ? top_p_cutoff(x, w, vocab, mass, bucket) : 0xFFFFFFFFu;
       key_p = std::min(key_p, order_key(best));  // the largest score is always kept
       key_cut = std::max(key_cut, key_p);
+      for (int64_t v = 0; v < vocab; ++v) {
+        if (order_key(x[v]) < key_cut) w[v] = 0.0f;
+      }
     }
-    // inverse-CDF sample over the kept tokens in vocabulary order (weights in scratch)
-    scratch.resize(vocab);
+    // inverse-CDF sample over the kept tokens in vocabulary order
     double kept_total = 0.0;
     int64_t last_kept = 0;
     for (int64_t v = 0; v < vocab; ++v) {
-      const float w = order_key(x[v]) >= key_cut ? std::exp(x[v] - best) : 0.0f;
-      scratch[v] = w;
-      kept_total += static_cast<double>(w);
-      if (w > 0.0f) last_kept = v;
+      kept_total += static_cast<double>(w[v]);
+      if (w[v] > 0.0f) last_kept = v;
     }
     const uint32_t draw = philox_randint(o.seed, static_cast<uint64_t>(r.step * batch + row));
     const double target = static_cast<double>(draw) * (1.0 / 4294967296.0) * kept_total;
     double running = 0.0;
     next = last_kept;  // NOTE: only when float64 rounding leaves the running sum a hair below the target
     for (int64_t v = 0; v < vocab; ++v) {
-      if (scratch[v] > 0.0f) {
-        running += static_cast<double>(scratch[v]);
+      if (w[v] > 0.0f) {
+        running += static_cast<double>(w[v]);
         if (running > target) {
           next = v;
           break;
@@ -290,7 +326,11 @@ at::Tensor grounded_decode_step_cpu(const at::Tensor& logits, at::Tensor& sequen
                     special_tokens.size());
   const Special s{special_tokens[0], special_tokens[1], special_tokens[2], special_tokens[3], special_tokens[4],
                   special_tokens[5], special_tokens[6], special_tokens[7], special_tokens[8]};
-  TORCH_CHECK_VALUE(s.num_bins >= 1 && s.first_loc >= 0, "special_tokens: bad first_loc or num_bins");
+  TORCH_CHECK_VALUE(s.num_bins >= 1 && s.first_loc >= 0 && s.first_loc + s.num_bins * s.num_bins <= vocab,
+                    "special_tokens: the location tokens must lie inside the vocabulary of ", vocab);
+  for (const int64_t id : {s.phrase_close, s.object_open, s.object_close, s.delimiter, s.eos, s.pad}) {
+    TORCH_CHECK_VALUE(id >= 0 && id < vocab, "special_tokens: id ", id, " is outside the vocabulary of ", vocab);
+  }
   TORCH_CHECK_VALUE(no_repeat_ngram_size >= 0, "no_repeat_ngram_size must be >= 0, got ", no_repeat_ngram_size);
   TORCH_CHECK_VALUE(min_new_tokens >= 0, "min_new_tokens must be >= 0, got ", min_new_tokens);
   TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ",
@@ -325,12 +365,12 @@ at::Tensor grounded_decode_step_cpu(const at::Tensor& logits, at::Tensor& sequen
     const scalar_t* lp = lg.const_data_ptr<scalar_t>();
     const int64_t stride = lg.stride(0);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> workspace(sc ? 0 : vocab), scratch;
+      std::vector<float> workspace(sc ? 0 : vocab), weights;
       std::vector<std::pair<uint32_t, double>> bucket;
       for (int64_t r = begin; r < end; ++r) {
         float* x = sc ? sc + r * vocab : workspace.data();
         RowState row{seq + r * max_len, len[r], start[r], state[r], tl[r], step[r], fin[r]};
-        o_ptr[r] = decode_row(lp + r * stride, vocab, max_len, batch, r, row, x, scratch, bucket, s, o);
+        o_ptr[r] = decode_row(lp + r * stride, vocab, max_len, batch, r, row, x, weights, bucket, s, o);
       }
     });
   });
