@@ -38,8 +38,8 @@ on the logits' device, and, per row, in this order:
 
 Rows that emitted EOS are finished and produce ``pad`` from then on. The step appends the token to
 ``sequences``, advances ``lengths``, ``steps``, the grammar state and ``finished`` in place and returns the tokens
-``(batch,)`` int64. Nothing in the step reads a tensor on the host or branches on tensor values, so it can be
-captured in a CUDA graph.
+``(batch,)`` int64. Nothing in the step reads a tensor on the host or branches on tensor values: the host never
+waits for the device (the buffer's bound is guarded by a host-side step count, ``DecodeState.steps_taken``).
 
 Logits are processed in float32 (transformers' generate casts the step's logits to float32 too); float16 and
 bfloat16 logits are read as they are, float64 logits are cast at the boundary. Logits must not hold NaN or +inf.

@@ -680,6 +680,22 @@ def _op_args(scores=True, **options):
             o["do_sample"], o["temperature"], o["top_k"], o["top_p"], o["seed"], True)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_every_output_element_written(backend, do_sample):
+    """Poisoned outputs: the scores (NaN) and the unwritten part of the token buffer (-7) before the call."""
+    from mmcore.ops.decoding import GROUNDED_DECODE_STEP
+
+    args = list(_op_args(do_sample=do_sample))
+    args[8].fill_(math.nan)
+    sequences, lengths = args[1], args[2]
+    sequences[:, 7:] = -7
+    out = GROUNDED_DECODE_STEP.backends[backend].fn(*args)
+    assert not torch.isnan(args[8]).any(), "scores not fully written"
+    assert torch.equal(sequences[:, 7], out) and (sequences[:, 8:] == -7).all()
+    assert lengths.tolist() == [8] * 4
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="mmcore._C not built")
 def test_opcheck_cpp_op():
     torch.library.opcheck(op("grounded_decode_step"), _op_args())
