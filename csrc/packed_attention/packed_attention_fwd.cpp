@@ -9,11 +9,13 @@
 namespace mmcore::packed_attention {
 namespace {
 
-// Tile sizes, tuned on the benchmark case (4,096 tokens, causal segments of 512, 8 heads x 64, float32, 2
-// threads, Zen 4): block_k 512 keeps a (64 x 512) float32 score tile (128 KiB) in L2 and makes the GEMMs
-// long enough to amortise their call overhead; block_q 64 leaves enough work items to balance threads and
-// limits the masked triangle computed in a causal diagonal tile.
-constexpr int64_t kBlockQ = 64;
+// Tile sizes, from a sweep of block_q in {32, 64, 128, 256} x block_k in {128, 256, 512} (8 heads x 64 and x
+// 128, segments of 512, float32, one thread, CPU time). block_k 512: the (block_q x 512) float32 score tile
+// stays in L2 and the GEMMs are long enough to amortise MKL's packing of K and V. block_q: 64 for causal and
+// prefix masks (less wasted work in diagonal tiles), 128 without a mask (each K tile is packed once per 128
+// queries; 4-5% faster than 64).
+template <Mode kMode>
+constexpr int64_t kBlockQ = kMode == Mode::kFull ? 128 : 64;
 constexpr int64_t kBlockK = 512;
 
 struct FwdItem {
@@ -37,7 +39,7 @@ void packed_attention_fwd_impl(const Params& p) {
   auto* out = static_cast<scalar_t*>(p.out);
   const acc_t scale = static_cast<acc_t>(p.softmax_scale);
   const acc_t keep_scale = static_cast<acc_t>(p.keep_scale);
-  const int64_t block_q = std::max<int64_t>(std::min(kBlockQ, p.max_seqlen_q), 1);
+  const int64_t block_q = std::max<int64_t>(std::min(kBlockQ<kMode>, p.max_seqlen_q), 1);
   const int64_t block_k = std::max<int64_t>(std::min(kBlockK, p.max_seqlen_k), 1);
 
   std::vector<FwdItem> items;

@@ -1,8 +1,8 @@
 """The C++ CPU kernels of packed attention (csrc/packed_attention/), called directly through
 torch.ops.mmcore.packed_attention_fwd/_bwd, against the float64 reference packed_attention_ref.
 
-Shapes are chosen around the kernels' tile sizes (forward 64 x 512, backward 64 x 128): several query and key
-tiles per segment, partial tiles, masked diagonal tiles, key tiles that no query sees."""
+Shapes are chosen around the kernels' tile sizes (forward 64 or 128 x 512, backward 128 x 64 or 128): several
+query and key tiles per segment, partial tiles, masked diagonal tiles, key tiles that no query sees."""
 
 import math
 
