@@ -38,15 +38,22 @@ at::Tensor chunk_logits(const at::Tensor& h, const at::Tensor& w, const c10::opt
   return b.has_value() ? at::addmm(*b, h, w.t()) : at::mm(h, w.t());
 }
 
-// In place: logits -> d(loss_i)/d(logits) for each row (weighted by row_weight, zero on ignored rows).
-void logits_to_grad(at::Tensor& logits, const at::Tensor& lse, const at::Tensor& safe_labels,
-                    const at::Tensor& row_weight, double eps) {
-  const int64_t vocab = logits.size(1);
-  logits.sub_(lse.unsqueeze(1)).exp_();  // softmax
-  logits.scatter_add_(1, safe_labels.unsqueeze(1),
-                      at::full({logits.size(0), 1}, -(1.0 - eps), logits.options()));
-  if (eps > 0) logits.sub_(eps / static_cast<double>(vocab));
-  logits.mul_(row_weight.unsqueeze(1));
+// In place: softmax probabilities -> d(loss_i)/d(logits) for each row (weighted by row_weight, zero on
+// ignored rows).
+void probs_to_grad(at::Tensor& probs, const at::Tensor& safe_labels, const at::Tensor& row_weight, double eps) {
+  const int64_t vocab = probs.size(1);
+  probs.scatter_add_(1, safe_labels.unsqueeze(1), at::full({probs.size(0), 1}, -(1.0 - eps), probs.options()));
+  if (eps > 0) probs.sub_(eps / static_cast<double>(vocab));
+  probs.mul_(row_weight.unsqueeze(1));
+}
+
+// In place: logits -> softmax, one exp pass; returns the rows' log-sum-exp.
+at::Tensor softmax_(at::Tensor& logits) {
+  const at::Tensor row_max = std::get<0>(logits.max(1, /*keepdim=*/true));
+  logits.sub_(row_max).exp_();
+  const at::Tensor sum = logits.sum(1, /*keepdim=*/true);
+  logits.div_(sum);
+  return (row_max + sum.log()).squeeze(1);
 }
 
 }  // namespace
@@ -84,16 +91,19 @@ fused_linear_cross_entropy_fwd_cpu(const at::Tensor& hidden, const at::Tensor& w
     const int64_t n = std::min(chunk_rows, n_rows - start);
     const at::Tensor h = hidden.narrow(0, start, n).to(ct);
     at::Tensor logits = chunk_logits(h, w, b);
-    const at::Tensor lse_c = at::logsumexp(logits, {1});
     const at::Tensor ok = valid.narrow(0, start, n);
     const at::Tensor safe = at::where(ok, labels.narrow(0, start, n), 0);
-    at::Tensor loss = lse_c - logits.gather(1, safe.unsqueeze(1)).squeeze(1);
-    if (eps > 0) loss = loss.mul(1.0 - eps).add_((lse_c - logits.mean({1})).mul_(eps));
+    // What the loss needs from the raw logits, before the buffer becomes probabilities in place.
+    const at::Tensor z_label = logits.gather(1, safe.unsqueeze(1)).squeeze(1);
+    const at::Tensor z_mean = eps > 0 ? logits.mean({1}) : at::Tensor();
+    argmax.narrow(0, start, n).copy_(logits.argmax(1));
+    const at::Tensor lse_c = softmax_(logits);
+    at::Tensor loss = lse_c - z_label;
+    if (eps > 0) loss = loss.mul(1.0 - eps).add_((lse_c - z_mean).mul_(eps));
     loss_rows.narrow(0, start, n).copy_(loss.mul_(ok));
     lse.narrow(0, start, n).copy_(lse_c);
-    argmax.narrow(0, start, n).copy_(logits.argmax(1));
     if (grads) {
-      logits_to_grad(logits, lse_c, safe, ok.to(ct).mul_(scale), eps);
+      probs_to_grad(logits, safe, ok.to(ct).mul_(scale), eps);
       at::Tensor dh_rows = dh.narrow(0, start, n);
       at::mm_out(dh_rows, logits, w);
       dw.addmm_(logits.t(), h);
@@ -130,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_linear_cross_entropy_bwd_cp
     const at::Tensor h = hidden.narrow(0, start, n).to(ct);
     at::Tensor logits = chunk_logits(h, w, b);
     const at::Tensor safe = at::where(labels.narrow(0, start, n).ne(ignore_index), labels.narrow(0, start, n), 0);
-    logits_to_grad(logits, lse.narrow(0, start, n).to(ct), safe, weights.narrow(0, start, n), label_smoothing);
+    logits.sub_(lse.narrow(0, start, n).to(ct).unsqueeze(1)).exp_();  // softmax from the forward's lse
+    probs_to_grad(logits, safe, weights.narrow(0, start, n), label_smoothing);
     at::Tensor dh_rows = dh.narrow(0, start, n);
     at::mm_out(dh_rows, logits, w);
     dw.addmm_(logits.t(), h);
