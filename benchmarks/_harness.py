@@ -58,6 +58,29 @@ def time_fn(
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def peak_rss_growth(module: str, setup: str, run: str) -> int:
+    """Bytes by which a fresh Python process's maximum resident set grows while it executes ``run`` after
+    ``setup`` (both run after ``from <module> import *``, with benchmarks/ on the path). The CPU's peak-memory
+    measure: a new process, so nothing measured earlier in this one hides under the high-water mark. ``setup``
+    should allocate without temporaries larger than what ``run`` needs."""
+    import sys
+    import textwrap
+
+    code = "\n".join(
+        [
+            "import resource, sys",
+            f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})",
+            f"from {module} import *",
+            textwrap.dedent(setup),
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+            textwrap.dedent(run),
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)",
+        ]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of a case. ``fn()`` does ``work`` units of the case's work (strings, boxes, FLOP)."""

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-import textwrap
 
 import torch
-from _harness import Case, Impl, parse_args, report, run_cases
+from _harness import Case, Impl, parse_args, peak_rss_growth, report, run_cases
 
 from mmcore.ops import fused_linear_cross_entropy
 
@@ -83,19 +80,8 @@ def cuda_peak(step, n, h, v, dtype):
 
 
 def cpu_peak(name, n, h, v, dtype):
-    code = textwrap.dedent(f"""
-        import resource, sys, torch
-        sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
-        from bench_cross_entropy import STEPS, problem
-        args = problem({n}, {h}, {v}, {dtype}, "cpu")
-        for p in args[:2]:
-            p.grad = torch.zeros_like(p)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        STEPS[{name!r}](*args)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
+    setup = f"args = problem({n}, {h}, {v}, {dtype}, 'cpu')\nfor p in args[:2]: p.grad = torch.zeros_like(p)"
+    return peak_rss_growth("bench_cross_entropy", setup, f"STEPS[{name!r}](*args)")
 
 
 def main(argv=None):
