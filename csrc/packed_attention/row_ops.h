@@ -1,9 +1,9 @@
 // The elementwise loops of packed attention over one row of a score tile (n <= block_k elements): max,
 // exp and sum, rescale, dropout, the softmax gradient, and half <-> float conversion.
 //
-// The float32 versions (row_ops.cpp) are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at
-// load time (GCC/Clang target_clones), because the extension itself is built for the baseline ISA; the
-// float64 versions (the exact, slow path used for testing) are plain inline loops.
+// The float32 versions (row_ops.cpp) are compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2) and baseline
+// x86-64 and picked at load time (GCC/Clang function multiversioning), because the extension itself is built
+// for the baseline ISA; the float64 versions (the exact, slow path used for testing) are plain inline loops.
 #pragma once
 
 #include <c10/util/BFloat16.h>
