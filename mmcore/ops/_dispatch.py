@@ -18,7 +18,9 @@ import torch
 
 from mmcore import _extension
 
-BACKENDS = ("triton", "cuda", "cpp", "torch")
+# Default order. flash_attn and xformers are optional peers some ops can dispatch to when they are installed;
+# they follow mmcore's own GPU kernels until GPU measurements say otherwise.
+BACKENDS = ("triton", "cuda", "flash_attn", "xformers", "cpp", "torch")
 ENV_VAR = "MMCORE_BACKEND"
 
 
@@ -60,10 +62,18 @@ def _needs_cuda_build(device_type: str) -> str | None:
     return None if torch.cuda.is_available() else "no CUDA device"
 
 
+def _needs_package(name: str, device_type: str) -> str | None:
+    if importlib.util.find_spec(name) is None:
+        return f"{name} is not installed (an optional extra)"
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
 _NEEDS: dict[str, Callable[[str], str | None]] = {
     "triton": _needs_triton,
     "cuda": _needs_cuda_build,
     "cpp": _needs_cpp,
+    "flash_attn": lambda device_type: _needs_package("flash_attn", device_type),
+    "xformers": lambda device_type: _needs_package("xformers", device_type),
     "torch": lambda device_type: None,
 }
 

@@ -370,6 +370,63 @@ def _triton_supports(q, *args):
     return None
 
 
+def _peer_supports(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    if mode == MODES["prefix"]:
+        return "no prefix mode"
+    if dropout_p > 0.0:
+        return "its dropout RNG is not mmcore's counter-based one (masks would not be reproducible)"
+    if q.shape[2] % 8 or q.shape[2] > 256:
+        return f"head_dim {q.shape[2]} is not a multiple of 8 up to 256"
+    return None
+
+
+def _run_flash_attn(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    """flash-attn's varlen kernel (causal is bottom-right aligned there too; lse (heads, total_q))."""
+    from flash_attn import flash_attn_varlen_func
+
+    out, lse, _ = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        causal=mode == MODES["causal"],
+        return_attn_probs=True,
+    )
+    return out, lse
+
+
 PACKED_ATTENTION = Op(
     "packed_attention",
     [
@@ -381,6 +438,7 @@ PACKED_ATTENTION = Op(
             check=_triton_supports,
             auto_on_cpu=False,
         ),
+        Backend("flash_attn", _run_flash_attn, ("cuda",), (torch.float16, torch.bfloat16), check=_peer_supports),
         Backend("cpp", _run_cpp, ("cpu",), _DTYPES, needs=extension_kernel("packed_attention_fwd")),
         Backend("torch", _run_torch, ("cpu", "cuda"), _DTYPES),
     ],

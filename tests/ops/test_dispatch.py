@@ -38,8 +38,19 @@ def toy(monkeypatch):
     _dispatch._OPS.pop("toy_op_for_tests")
 
 
-def test_backends_are_the_four_named():
-    assert BACKENDS == ("triton", "cuda", "cpp", "torch")
+def test_backends_in_default_order():
+    assert BACKENDS == ("triton", "cuda", "flash_attn", "xformers", "cpp", "torch")
+
+
+def test_optional_peer_backends_say_why_they_cannot_run(monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    from mmcore.ops.attention import PACKED_ATTENTION
+
+    assert "flash_attn is not installed" in PACKED_ATTENTION.backends["flash_attn"].unavailable("cuda")
+    assert "flash_attn" not in available_backends("packed_attention", "cuda")
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="mmcore._C not built")
