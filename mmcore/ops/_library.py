@@ -69,3 +69,29 @@ def op(name: str) -> torch._ops.OpOverload:
 # Ops whose only kernels are Triton kernels are defined with torch.library.triton_op beside their dispatch
 # code (so torch.compile can see into the kernels); their schemas are inferred from the launchers' type
 # annotations, which the launchers in kernels/ keep exact.
+
+
+def triton_kernels(module: str):
+    """``mmcore.kernels.<module>``, or None where Triton (or that module) is not installed."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec(f"mmcore.kernels.{module}") is None:
+        return None
+    return importlib.import_module(f"mmcore.kernels.{module}")
+
+
+def triton_op_with_backward(name: str, fwd, fwd_fake, bwd, bwd_fake, autograd_for):
+    """Define ``mmcore::<name>_fwd_triton`` and ``mmcore::<name>_bwd_triton`` from two launchers with
+    torch.library.triton_op, give both explicit fakes and register the forward's autograd from
+    ``autograd_for(bwd_op) -> (setup_context, backward)``. Returns the forward op.
+
+    NOTE: explicit fakes because under TRITON_INTERPRET=1 wrap_triton hands back the interpreter, which cannot
+    run on fake tensors, so the traced launchers cannot serve as meta kernels there."""
+    bwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_bwd_triton", bwd, mutates_args=())
+    bwd_op.register_fake(bwd_fake)
+    fwd_op = torch.library.triton_op(f"{NAMESPACE}::{name}_fwd_triton", fwd, mutates_args=())
+    fwd_op.register_fake(fwd_fake)
+    setup, backward = autograd_for(bwd_op)
+    fwd_op.register_autograd(backward, setup_context=setup)
+    return fwd_op

@@ -16,7 +16,6 @@ and log-sum-exp +inf. Dropout keeps an element by the counter-based draw of ``mm
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -295,26 +294,19 @@ _setup, _backward = _autograd_for(lambda *a: _library.op("packed_attention_bwd")
 torch.library.register_autograd("mmcore::packed_attention_fwd", _backward, setup_context=_setup)
 
 
-def _load_triton_ops():
-    """triton_op wrappers of kernels/packed_attention.py's launchers, or None without Triton."""
-    if (
-        importlib.util.find_spec("triton") is None
-        or importlib.util.find_spec("mmcore.kernels.packed_attention") is None
-    ):
-        return None
-    from mmcore.kernels import packed_attention as kernels
-
-    bwd = torch.library.triton_op("mmcore::packed_attention_bwd_triton", kernels._packed_attention_bwd, mutates_args=())
-    bwd.register_fake(_bwd_fake)
-    fwd = torch.library.triton_op("mmcore::packed_attention_fwd_triton", kernels._packed_attention_fwd, mutates_args=())
-    # NOTE: explicit fakes, as for the codec: under TRITON_INTERPRET=1 the traced launcher would run the interpreter.
-    fwd.register_fake(_fwd_fake)
-    setup, backward = _autograd_for(bwd)
-    fwd.register_autograd(backward, setup_context=setup)
-    return fwd
-
-
-_triton_fwd = _load_triton_ops()
+_kernels = _library.triton_kernels("packed_attention")
+_triton_fwd = (
+    _library.triton_op_with_backward(
+        "packed_attention",
+        _kernels._packed_attention_fwd,
+        _fwd_fake,
+        _kernels._packed_attention_bwd,
+        _bwd_fake,
+        _autograd_for,
+    )
+    if _kernels is not None
+    else None
+)
 
 
 def _run_cpp(*args):

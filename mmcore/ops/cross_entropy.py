@@ -10,7 +10,6 @@ statistics: loss and token accuracy split into location-token targets and text t
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
@@ -121,22 +120,14 @@ _setup, _backward = _autograd_for(lambda *a: _library.op("fused_linear_cross_ent
 torch.library.register_autograd("mmcore::fused_linear_cross_entropy_fwd", _backward, setup_context=_setup)
 
 
-def _load_triton_op():
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from mmcore.kernels import cross_entropy as kernels
-
-    bwd = torch.library.triton_op("mmcore::fused_linear_cross_entropy_bwd_triton", kernels._flce_bwd, mutates_args=())
-    bwd.register_fake(_bwd_fake)
-    fwd = torch.library.triton_op("mmcore::fused_linear_cross_entropy_fwd_triton", kernels._flce_fwd, mutates_args=())
-    # NOTE: explicit fakes: under TRITON_INTERPRET=1 the traced launcher would run the interpreter on fake tensors.
-    fwd.register_fake(_fwd_fake)
-    setup, backward = _autograd_for(bwd)
-    fwd.register_autograd(backward, setup_context=setup)
-    return fwd
-
-
-_triton_fwd = _load_triton_op()
+_kernels = _library.triton_kernels("cross_entropy")
+_triton_fwd = (
+    _library.triton_op_with_backward(
+        "fused_linear_cross_entropy", _kernels._flce_fwd, _fwd_fake, _kernels._flce_bwd, _bwd_fake, _autograd_for
+    )
+    if _kernels is not None
+    else None
+)
 
 
 def _run_cpp(*args):
