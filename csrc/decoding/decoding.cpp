@@ -171,6 +171,18 @@ void ban_by_grammar(float* x, int64_t vocab, int64_t state, int64_t top_left, co
   }
 }
 
+// The maximum of x[0, n) (no NaN): eight independent running maxima, so the loop is not one long dependency chain.
+float max_of(const float* x, int64_t n) {
+  std::array<float, 8> m;
+  m.fill(kNegInf);
+  int64_t v = 0;
+  for (; v + 8 <= n; v += 8) {
+    for (int k = 0; k < 8; ++k) m[k] = x[v + k] > m[k] ? x[v + k] : m[k];
+  }
+  for (; v < n; ++v) m[0] = x[v] > m[0] ? x[v] : m[0];
+  return *std::max_element(m.begin(), m.end());
+}
+
 struct RowState {
   int64_t* seq;  // (max_len,)
   int64_t& length;
@@ -205,14 +217,8 @@ int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64
     }
   }
   // maximum and its first index; nothing finite: the grammar's allowed tokens with score 0
-  float best = kNegInf;
-  int64_t next = 0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (x[v] > best) {
-      best = x[v];
-      next = v;
-    }
-  }
+  float best = max_of(x, vocab);
+  int64_t next = std::find(x, x + vocab, best) - x;
   if (best == kNegInf) {
     next = vocab;
     for (int64_t v = vocab - 1; v >= 0; --v) {
@@ -365,8 +371,11 @@ at::Tensor grounded_decode_step_cpu(const at::Tensor& logits, at::Tensor& sequen
     const scalar_t* lp = lg.const_data_ptr<scalar_t>();
     const int64_t stride = lg.stride(0);
     at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> workspace(sc ? 0 : vocab), weights;
-      std::vector<std::pair<uint32_t, double>> bucket;
+      // NOTE: per-thread buffers kept across calls: a fresh 260 KB vector per call costs an mmap, page faults
+      // and a memset, as much as the greedy step itself.
+      thread_local std::vector<float> workspace, weights;
+      thread_local std::vector<std::pair<uint32_t, double>> bucket;
+      if (!sc && static_cast<int64_t>(workspace.size()) < vocab) workspace.resize(vocab);
       for (int64_t r = begin; r < end; ++r) {
         float* x = sc ? sc + r * vocab : workspace.data();
         RowState row{seq + r * max_len, len[r], start[r], state[r], tl[r], step[r], fin[r]};
