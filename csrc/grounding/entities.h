@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace mmcore::grounding {
@@ -33,6 +34,7 @@ struct Entity {
   int64_t ul = 0, lr = 0;
   int64_t start = 0, end = 0;  // span in the clean text
   std::vector<Box> boxes;
+  std::vector<std::pair<int64_t, int64_t>> cells;  // the (top-left, bottom-right) index pair of each box
 };
 
 struct Extraction {
@@ -42,7 +44,7 @@ struct Extraction {
   bool ok = true;
 };
 
-Extraction extract_entities(const std::u32string& text, int64_t num_bins);
+Extraction extract_entities(std::u32string_view text, int64_t num_bins);
 
 // UTF-8 convenience for C++ callers and tests (offsets stay in code points). utf8_to_u32 throws
 // std::invalid_argument on malformed UTF-8 (bad continuation bytes, overlong forms, surrogates, > U+10FFFF).
