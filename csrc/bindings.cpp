@@ -80,6 +80,30 @@ class GridFloats {
   std::vector<PyObject*> cache_;
 };
 
+// Python ints for span offsets, made once per call for offsets below kMax (CPython itself caches only up
+// to 256; grounded captions are a few hundred characters long).
+class SmallInts {
+ public:
+  SmallInts() : cache_(kMax, nullptr) {}
+  ~SmallInts() {
+    for (PyObject* o : cache_) Py_XDECREF(o);
+  }
+  SmallInts(const SmallInts&) = delete;
+  SmallInts& operator=(const SmallInts&) = delete;
+
+  PyObject* get(int64_t v) {  // a new reference
+    if (v < 0 || v >= kMax) return checked(PyLong_FromLongLong(v));
+    PyObject*& o = cache_[static_cast<size_t>(v)];
+    if (!o) o = checked(PyLong_FromLongLong(v));
+    Py_INCREF(o);
+    return o;
+  }
+
+ private:
+  static constexpr int64_t kMax = 4096;
+  std::vector<PyObject*> cache_;
+};
+
 PyObject* box_tuple(const mmcore::grounding::Box& b, std::pair<int64_t, int64_t> cells, int64_t num_bins,
                     GridFloats& grid) {
   const int64_t ul = cells.first, lr = cells.second;
@@ -89,7 +113,7 @@ PyObject* box_tuple(const mmcore::grounding::Box& b, std::pair<int64_t, int64_t>
   return tuple_of({grid.get(lo, ux, b.x1), grid.get(lo, uy, b.y1), grid.get(hi, lx, b.x2), grid.get(hi, ly, b.y2)});
 }
 
-py::object to_python(const Extraction& ex, PyObject* text, int64_t num_bins, GridFloats& grid) {
+py::object to_python(const Extraction& ex, PyObject* text, int64_t num_bins, GridFloats& grid, SmallInts& ints) {
   py::object clean = py::reinterpret_steal<py::object>(
       checked(PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, ex.clean_text.data(), ex.clean_text.size())));
   py::object entities = py::reinterpret_steal<py::object>(checked(PyList_New(ex.entities.size())));
@@ -104,7 +128,7 @@ py::object to_python(const Extraction& ex, PyObject* text, int64_t num_bins, Gri
     for (size_t j = 0; j < e.boxes.size(); ++j) {
       PyList_SET_ITEM(boxes, static_cast<Py_ssize_t>(j), box_tuple(e.boxes[j], e.cells[j], num_bins, grid));
     }
-    PyObject* span = tuple_of({PyLong_FromLongLong(e.start), PyLong_FromLongLong(e.end)});
+    PyObject* span = tuple_of({ints.get(e.start), ints.get(e.end)});
     PyList_SET_ITEM(entities.ptr(), static_cast<Py_ssize_t>(k), tuple_of({name, span, boxes}));
   }
   return py::make_tuple(clean, entities);
@@ -138,8 +162,9 @@ py::list extract_entities_batch(const py::sequence& texts, int64_t num_bins) {
   }
   py::list out(n);
   GridFloats grid(num_bins);
+  SmallInts ints;
   for (size_t i = 0; i < n; ++i) {
-    out[i] = results[i].ok ? to_python(results[i], keep[i].ptr(), num_bins, grid) : py::none();
+    out[i] = results[i].ok ? to_python(results[i], keep[i].ptr(), num_bins, grid, ints) : py::none();
   }
   return out;
 }
