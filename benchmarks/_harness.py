@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The machine's 1-minute load average when the benchmark started (this module is imported first): on a shared
-# CPU, other work at the start means noisy numbers; it is stored with every result and warned about.
+# The machine's 1-minute load average when the benchmark started (this module is imported first). It lags by a
+# minute, so the warning below rests on what other processes used while timing (``_others_cpu``).
 LOADAVG_AT_START = os.getloadavg()[0]
+# Cores' worth of CPU that other processes used during the last ``run_cases`` (None: not measurable here).
+OTHERS_CPU: float | None = None
+# Above this many cores of other work during a run, report() warns that the CPU numbers are unreliable.
+OTHERS_CPU_WARN = 0.1
 
 # Seconds of measurement per implementation on the CPU (blocked_autorange's min_run_time).
 CPU_MIN_RUN_TIME = 2.0
@@ -136,10 +141,32 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     return args
 
 
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(busy seconds of all cores from /proc/stat, this process's CPU seconds, wall seconds), or None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, t.user + t.system, time.monotonic()
+
+
+def _others_cpu(start, end) -> float | None:
+    """Average number of cores busy with other processes between two snapshots."""
+    if start is None or end is None or end[2] <= start[2]:
+        return None
+    return max(0.0, ((end[0] - start[0]) - (end[1] - start[1])) / (end[2] - start[2]))
+
+
 def run_cases(cases: Sequence[Case], *, quick: bool = False) -> list[Result]:
-    """Time every implementation of every case; fill in the speedups of mmcore over each peer."""
+    """Time every implementation of every case; fill in the speedups of mmcore over each peer. Also measures how
+    much CPU other processes took meanwhile (``OTHERS_CPU``), which ``report`` stores and warns about."""
+    global OTHERS_CPU
     min_run_time = CPU_MIN_RUN_TIME_QUICK if quick else CPU_MIN_RUN_TIME
     results = []
+    before = _cpu_snapshot()
     for case in cases:
         rows = []
         for impl in case.impls:
@@ -154,6 +181,7 @@ def run_cases(cases: Sequence[Case], *, quick: bool = False) -> list[Result]:
             if not r.peer:
                 r.speedup = {p.impl: r.throughput / p.throughput for p in peers}
         results.extend(rows)
+    OTHERS_CPU = _others_cpu(before, _cpu_snapshot())
     return results
 
 
@@ -217,6 +245,7 @@ def environment(device: str) -> dict:
         "device_name": device_name(device),
         "cpu": f"{cpu_name()} ({os.cpu_count()} cores)",
         "torch_threads": torch.get_num_threads(),
+        "others_cpu": OTHERS_CPU,  # cores' worth of CPU other processes used while timing
         "loadavg_start": LOADAVG_AT_START,
         "loadavg_end": os.getloadavg()[0],  # includes this benchmark's own threads
         "python": platform.python_version(),
@@ -308,10 +337,10 @@ def report(
     print(format_table(results))
     print("\n".join(formulas))
     print("x vs P: throughput of the mmcore implementation / throughput of peer P, both measured in this run.")
-    if LOADAVG_AT_START > 0.5:
+    if OTHERS_CPU is not None and OTHERS_CPU > OTHERS_CPU_WARN:
         print(
-            f"WARNING: load average {LOADAVG_AT_START:.2f} when this run started: other work shared the CPU, "
-            "so these numbers are unreliable."
+            f"WARNING: other processes used {OTHERS_CPU:.2f} of {os.cpu_count()} cores while this ran: "
+            "the CPU numbers are unreliable."
         )
 
     lines = [
