@@ -67,10 +67,23 @@ def extract_entities_ref(text: str, num_bins: int = 32) -> tuple[str, list[Entit
     return stripped.strip(), entities
 
 
+# Strings per call into the extension: the binding holds a chunk's code points and parse results before turning
+# them into Python objects; chunks of ~1k keep that working set in cache (measured on 10,000 strings: one call
+# 32-52 ms, ten calls of 1,000 22-29 ms).
+_CHUNK = 1024
+
+
 def _batch_cpp(texts: Sequence[str], num_bins: int) -> list[tuple[str, list[Entity]]]:
-    out = _extension.extension().extract_entities_batch(texts, num_bins)
-    # None marks an index beyond int64: the reference parser has Python's unbounded ints.
-    return [r if r is not None else extract_entities_ref(t, num_bins) for r, t in zip(out, texts, strict=True)]
+    parse = _extension.extension().extract_entities_batch
+    out = []
+    for start in range(0, len(texts), _CHUNK):
+        chunk = texts[start : start + _CHUNK]
+        # None marks an index beyond int64: the reference parser has Python's unbounded ints.
+        out.extend(
+            r if r is not None else extract_entities_ref(t, num_bins)
+            for r, t in zip(parse(chunk, num_bins), chunk, strict=True)
+        )
+    return out
 
 
 def _batch_ref(texts: Sequence[str], num_bins: int) -> list[tuple[str, list[Entity]]]:
