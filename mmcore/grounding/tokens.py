@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mmcore.ops.grounding import first_true
+
 FIRST_LOC_TOKEN_ID = 64013
 
 # Tag tokens in the order Kosmos2Processor adds them (ids 64002 ... 64012 in the released vocabulary).
@@ -50,9 +52,8 @@ def _first_outside(t: torch.Tensor, lo: int, hi: int) -> tuple[tuple[int, ...], 
     bad = (t < lo) | (t >= hi)
     if not bool(bad.any()):
         return None
-    flat = int(bad.reshape(-1).nonzero()[0, 0])
-    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), t.shape))
-    return where, int(t.reshape(-1)[flat])
+    where = first_true(bad)
+    return where, int(t[where])
 
 
 def loc_indices_to_token_ids(indices, num_bins: int = 32, first_loc_token_id: int = FIRST_LOC_TOKEN_ID):

@@ -65,9 +65,10 @@ def loc_indices_to_boxes_ref(indices: torch.Tensor, num_bins: int = 32) -> torch
 # ------------------------------------------------------------------------------------- value checks
 
 
-def _where(mask: torch.Tensor, shape: torch.Size) -> tuple[int, ...]:
+def first_true(mask: torch.Tensor) -> tuple[int, ...]:
+    """Index (as the caller indexes the tensor) of the first True element of ``mask``, which has one."""
     flat = int(mask.reshape(-1).nonzero()[0, 0])
-    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape))
+    return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.shape))
 
 
 def _fmt(index: tuple[int, ...]) -> str:
@@ -84,7 +85,7 @@ def check_box_values(boxes: torch.Tensor) -> None:
     bad = ~(finite & inside & ordered)
     if not bool(bad.any()):
         return
-    at = _where(bad, bad.shape)
+    at = first_true(bad)
     why = (
         "is not finite" if not finite[at] else "lies outside [0, 1]" if not inside[at] else "needs x2 > x1 and y2 > y1"
     )
@@ -96,7 +97,7 @@ def check_index_values(indices: torch.Tensor, num_bins: int) -> None:
     cells = num_bins * num_bins
     bad = ((indices < 0) | (indices >= cells)).any(-1)
     if bool(bad.any()):
-        at = _where(bad, bad.shape)
+        at = first_true(bad)
         raise ValueError(
             f"indices{_fmt(at)} = {tuple(indices[at].tolist())} has an index outside the "
             f"{num_bins}x{num_bins} grid [0, {cells})"
