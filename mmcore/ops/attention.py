@@ -513,12 +513,13 @@ def packed_attention(
     return (out, lse) if return_lse else out
 
 
-def attention(q, k, v, *, causal=False, softmax_scale=None, backend=None):
+def attention(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0, dropout_seed=None, backend=None):
     """Dense attention in the (batch, seqlen, heads, head_dim) layout -- image-patch attention at any length
     (257 tokens for ViT-L/14 at 224) -- served by the packed kernels with one segment per batch row.
 
     q: (batch, seqlen_q, heads, head_dim); k, v: (batch, seqlen_k, heads_kv, head_dim). causal is
-    bottom-right aligned when seqlen_q < seqlen_k. Returns (batch, seqlen_q, heads, head_dim)."""
+    bottom-right aligned when seqlen_q < seqlen_k. dropout_p, dropout_seed: as in ``packed_attention``. Returns
+    (batch, seqlen_q, heads, head_dim)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(
@@ -549,6 +550,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, backend=None):
         lk,
         mode="causal" if causal else "full",
         softmax_scale=softmax_scale,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
         backend=backend,
         validate=False,
     )

@@ -1,0 +1,162 @@
+"""Batched grounded generation for Kosmos-2: image encoded once, a preallocated KV cache, per-row positions, and the
+fused decoding step (``mmcore.ops.grounded_decode_step``: box grammar, n-gram blocking, warpers, token choice).
+
+Cache layout and attention. Row r of a left-padded batch (prompt length L, ``start_r`` pads) keeps its keys in
+cache slots ``[r*M + start_r, r*M + end)`` (M = L + max_new_tokens, ``end`` the tokens so far). One
+``packed_attention`` call serves the whole batch: the cache is read as a packed key stream whose segments alternate
+between a gap (the slots no query may read: the previous row's unused tail and this row's pads, zero queries) and
+the row's real keys (this step's queries, causal, bottom-right aligned). So pads are never attended, and a row's
+positions count only its own tokens: each row gets exactly what it gets alone. transformers counts the pads into
+the positions of cached steps (shared/research/kosmos2.md section 1.13, item 2); mmcore does not.
+
+Nothing in a step reads the device on the host except the check for "every row finished" (every step on the CPU,
+every ``FINISHED_CHECK_EVERY`` steps on a GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from mmcore import ops
+from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
+
+FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
+
+
+def _layout(starts, end: int, new: torch.Tensor, max_len: int, max_new: int) -> PackedLayout:
+    """Gap/real segments over the cache for rows with keys ``[starts_r, end)`` and ``new[r]`` queries each."""
+    batch = starts.shape[0]
+    base = torch.arange(batch, device=starts.device) * max_len
+    bounds = torch.stack([base + starts, base + end], dim=1).reshape(-1)  # start_0, end_0, start_1, end_1, ...
+    total = torch.tensor([batch * max_len], device=starts.device)
+    cu_k = torch.cat([bounds.new_zeros(1), bounds, total]).to(torch.int32)
+    q_ends = new.cumsum(0)
+    q_bounds = torch.stack([q_ends - new, q_ends], dim=1).reshape(-1)
+    cu_q = torch.cat([q_bounds.new_zeros(1), q_bounds, q_ends[-1:]]).to(torch.int32)
+    return PackedLayout(cu_q, cu_k, max_new, max_len)
+
+
+def _check_prompt(input_ids, attention_mask, image_embeds_position_mask):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError("input_ids must be a (batch, prompt_len) tensor with prompt_len >= 1")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+    for name, t in (("attention_mask", attention_mask), ("image_embeds_position_mask", image_embeds_position_mask)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != input_ids.shape):
+            raise ValueError(f"{name} must be a tensor of shape {tuple(input_ids.shape)} like input_ids")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.long)
+    mask = attention_mask.long()
+    if mask.device.type == "cpu":
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+            r = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0, 0])
+            raise ValueError(
+                f"attention_mask[{r}] is not left padding: pad prompts on the left for generation "
+                "(tokenizer.padding_side = 'left')"
+            )
+        if not bool(mask[:, -1].all()):
+            r = int((mask[:, -1] == 0).nonzero()[0, 0])
+            raise ValueError(f"attention_mask[{r}] is all zeros: every prompt needs at least one token")
+    return mask
+
+
+@torch.no_grad()
+def generate(
+    model,
+    pixel_values=None,
+    input_ids=None,
+    image_embeds_position_mask=None,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    no_repeat_ngram_size: int | None = None,
+    constrain_boxes: bool = True,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    image_embeds=None,
+    tokens: ops.GroundingTokens | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Generate up to ``max_new_tokens`` after left-padded prompts; returns (batch, prompt_len + steps) int64, the
+    prompts followed by the new tokens (``pad_token_id`` after a row's EOS), as transformers' ``generate``.
+
+    pixel_values (rows with image slots, 3, H, W) or image_embeds (same rows, latent_query_num, D);
+    image_embeds_position_mask, attention_mask (batch, prompt_len) as from ``Kosmos2Processor`` with left padding.
+    no_repeat_ngram_size defaults to the config's (3 for Kosmos-2). constrain_boxes: the box grammar (location
+    tokens only inside ``<object>...</object>``, bottom-right not above/left of top-left); with False, greedy
+    output equals transformers'. seed: the sampling key (default drawn from torch's generator). tokens: the
+    grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
+    the arguments override it). backend: force the decoding step's backend.
+    """
+    config = model.config
+    mask = _check_prompt(input_ids, attention_mask, image_embeds_position_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if tokens is None:
+        tokens = ops.GroundingTokens.from_config(config.text, config.num_bins)
+    if eos_token_id is not None or pad_token_id is not None:
+        tokens = dataclasses.replace(
+            tokens,
+            eos=tokens.eos if eos_token_id is None else eos_token_id,
+            pad=tokens.pad if pad_token_id is None else pad_token_id,
+        )
+    if no_repeat_ngram_size is None:
+        no_repeat_ngram_size = config.text.no_repeat_ngram_size
+    step_options = dict(
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        constrain_boxes=constrain_boxes,
+        backend=backend,
+    )
+    ids = input_ids.long()
+    batch, plen = ids.shape
+    device = ids.device
+    max_len = plen + max_new_tokens
+    keep = mask.bool()
+    lengths = mask.sum(1)
+    starts = plen - lengths
+
+    img_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.bool()[keep]
+    embeds = model._images(pixel_values, image_embeds, img_mask)
+    t = config.text
+    cache = KVCache(t.layers, batch, max_len, t.attention_heads, t.head_dim, dtype=model.lm_head_weight.dtype,
+                    device=device)  # fmt: skip
+    rows = torch.arange(batch, device=device)
+
+    # prefill: the prompts' real tokens, packed
+    cols = torch.arange(plen, device=device)
+    cache.write_index = (rows[:, None] * max_len + cols[None, :])[keep]
+    positions = (mask.cumsum(1) + t.pad_token_id)[keep]  # k-th real token of the row -> k + 1 + pad (= k + 2)
+    layout = _layout(starts, plen, lengths, max_len, plen)
+    hidden = model.decode(ids[keep], positions, max_len + 2, layout, embeds, img_mask, cache)
+    last = hidden[lengths.cumsum(0) - 1]
+
+    state = ops.DecodeState.create(ids, max_new_tokens, tokens, attention_mask=mask, seed=seed)
+    check_every = 1 if device.type == "cpu" else FINISHED_CHECK_EVERY
+    ones = torch.ones(batch, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        logits = F.linear(last, model.lm_head_weight).float()
+        next_tokens = ops.grounded_decode_step(logits, state, tokens, **step_options)
+        if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(state.finished.all())):
+            break
+        end = plen + step + 1  # the cache holds tokens [start_r, end) after this step's token is written
+        cache.write_index = rows * max_len + (end - 1)
+        positions = (end - starts) + t.pad_token_id  # this token is the row's (end - start_r)-th
+        layout = _layout(starts, end, ones, max_len, 1)
+        last = model.decode(next_tokens, positions, max_len + 2, layout, cache=cache)
+    return state.sequences[:, : plen + state.steps_taken].clone()

@@ -1,0 +1,465 @@
+"""Kosmos-2 (shared/research/kosmos2.md section 1.3): CLIP ViT -> latent-query resampler -> Magneto decoder.
+
+    image_embeds = resampler(normalize(vit(pixel_values)))                      (images, latent_query_num, D)
+    h0           = splice(embed(ids), image_embeds) * sqrt(D) + sinusoid(pos)   (image slots are scaled too)
+    h            = LN(blocks(h0));  logits = h @ embed.T                        (tied head)
+    block:  x += out_proj(inner_ln(attn(ln1(x))));  x += fc2(ffn_ln(gelu(fc1(ln2(x)))))
+
+The decoder works on packed tokens ``(total, D)`` with ``cu_seqlens`` (DESIGN.md "Data layout: packed
+sequences"): a padded batch is packed by dropping its padding, several samples can share a row, and generation
+attends to a preallocated KV cache through the same ``packed_attention`` call (``mmcore.models.kosmos2.generation``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcore import ops
+from mmcore.models.kosmos2.config import Kosmos2Config, Kosmos2TextConfig
+from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+@dataclass
+class PackedLayout:
+    """Which queries see which keys: segments ``cu_seqlens_q[s]:cu_seqlens_q[s+1]`` of the queries attend causally
+    (bottom-right aligned) to ``cu_seqlens_k[s]:cu_seqlens_k[s+1]`` of the keys. Without a KV cache q and k are
+    the same tokens."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @classmethod
+    def self_attention(cls, cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedLayout:
+        return cls(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(segments,) lengths -> (segments + 1,) int32 offsets starting at 0."""
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+class KVCache:
+    """Preallocated keys and values for every decoder layer: ``(layers, batch * max_len, heads, head_dim)``; row r of
+    the batch owns slots ``[r * max_len, (r + 1) * max_len)``. Zero-filled: slots outside a row's tokens sit in
+    key segments no query reads, but must not hold NaN (a masked probability times NaN is NaN)."""
+
+    def __init__(self, layers, batch, max_len, heads, head_dim, *, dtype, device):
+        self.batch, self.max_len = batch, max_len
+        self.k = torch.zeros(layers, batch * max_len, heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.write_index: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (tokens, heads, head_dim) at ``write_index``; return the layer's cache."""
+        self.k[layer].index_copy_(0, self.write_index, k)
+        self.v[layer].index_copy_(0, self.write_index, v)
+        return self.k[layer], self.v[layer]
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+
+class SinusoidalPositions(nn.Module):
+    """fairseq's sinusoidal table (concatenated sin | cos halves, frequencies 10000**(-k/(D/2-1))), row
+    ``padding_idx`` zero; position p of a sequence uses row ``p + 2`` for Kosmos-2 (``padding_idx + 1 + p``)."""
+
+    def __init__(self, dim: int, padding_idx: int, max_positions: int):
+        super().__init__()
+        self.dim, self.padding_idx = dim, padding_idx
+        self.register_buffer("table", self.build(max_positions + 2), persistent=False)
+
+    def build(self, rows: int) -> torch.Tensor:
+        half = self.dim // 2
+        freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+        angles = torch.arange(rows, dtype=torch.int64).float()[:, None] * freq[None, :]
+        table = torch.cat([angles.sin(), angles.cos(), torch.zeros(rows, self.dim % 2)], dim=1)
+        table[self.padding_idx] = 0
+        return table
+
+    def forward(self, positions: torch.Tensor, bound: int) -> torch.Tensor:
+        """positions: int64 table rows, all below ``bound`` (a host-side int, so no device read) -> (..., dim)."""
+        if bound > self.table.shape[0]:
+            self.table = self.build(bound + 2).to(self.table.device)
+        return self.table[positions]
+
+
+class DecoderAttention(nn.Module):
+    """Causal multi-head attention with Magneto's sub-LN (``inner_attn_ln``) before the output projection."""
+
+    def __init__(self, config: Kosmos2TextConfig):
+        super().__init__()
+        d = config.embed_dim
+        self.heads, self.head_dim, self.dropout = config.attention_heads, config.head_dim, config.attention_dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.inner_attn_ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0):
+        """x: (tokens, D) packed -> (tokens, D)."""
+        q, k, v = self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        out = ops.packed_attention(
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
+            layout.cu_seqlens_q,
+            layout.cu_seqlens_k,
+            layout.max_seqlen_q,
+            layout.max_seqlen_k,
+            mode="causal",
+            dropout_p=self.dropout if self.training else 0.0,
+            validate=False,
+        )
+        return self.out_proj(self.inner_attn_ln(out.reshape(x.shape)))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: Kosmos2TextConfig):
+        super().__init__()
+        d, eps = config.embed_dim, config.layer_norm_eps
+        self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.self_attn = DecoderAttention(config)
+        self.final_layer_norm = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, config.ffn_dim)
+        self.ffn_layernorm = nn.LayerNorm(config.ffn_dim, eps=eps)
+        self.fc2 = nn.Linear(config.ffn_dim, d)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
+
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0):
+        h = self.self_attn(self.self_attn_layer_norm(x), layout, cache, layer)
+        x = x + F.dropout(h, self.dropout, self.training)
+        h = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout, self.training)
+        h = self.fc2(self.ffn_layernorm(h))
+        return x + F.dropout(h, self.dropout, self.training)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: Kosmos2TextConfig):
+        super().__init__()
+        self.config = config
+        d = config.embed_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.embed_positions = SinusoidalPositions(d, config.pad_token_id, config.max_position_embeddings)
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.layers))
+        self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def embed(self, input_ids, positions, position_bound, image_embeds=None, image_mask=None):
+        """input_ids, positions: (tokens,); image_embeds (images, latents, D) go to the True slots of image_mask in
+        order. Returns (tokens, D): (token or image embedding) * embed_scale + sinusoid(position)."""
+        x = self.embed_tokens(input_ids)
+        if image_embeds is not None:
+            x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype).reshape(-1, x.shape[-1]))
+        x = x * self.config.embed_scale + self.embed_positions(positions, position_bound).to(x.dtype)
+        # NOTE: transformers applies this dropout twice (embedding and decoder entry); the original applies it once.
+        return F.dropout(x, self.config.dropout, self.training)
+
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None):
+        """x: (tokens, D) embedded -> (tokens, D) after the final LayerNorm."""
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, layout, use_reentrant=False)
+            else:
+                x = layer(x, layout, cache, i)
+        return self.layer_norm(x)
+
+
+class ImageToTextProjection(nn.Module):
+    """The latent-query resampler: ``latent_query_num`` learned queries attend (full, no mask) over the projected
+    image tokens followed by the queries themselves (257 + 64 keys); no residual, no FFN."""
+
+    def __init__(self, config: Kosmos2Config):
+        super().__init__()
+        d, t = config.text.embed_dim, config.text
+        self.heads, self.head_dim, self.dropout = t.attention_heads, t.head_dim, t.attention_dropout
+        self.dense = nn.Linear(config.vision.hidden_size, d)
+        self.latent_query = nn.Parameter(torch.zeros(config.latent_query_num, d))
+        self.q_proj = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (images, vision tokens, vision D) -> (images, latent_query_num, D)."""
+        b = features.shape[0]
+        latents = self.latent_query.expand(b, -1, -1)
+        keys = torch.cat([self.dense(features), latents], dim=1)
+        q = self.q_proj(latents).view(b, -1, self.heads, self.head_dim)
+        k, v = self.kv(keys).view(b, keys.shape[1], 2, self.heads, self.head_dim).unbind(2)
+        out = ops.attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.reshape(b, -1, q.shape[2] * q.shape[3]))
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class Kosmos2Output:
+    """loss: mean cross-entropy over the target tokens (with labels); logits: (batch, seq, vocab) for padded input
+    (zeros where attention_mask is 0) or (tokens, vocab) for packed input, None unless asked; stats: token counts
+    and accuracies split into location and text targets (``fused_linear_cross_entropy`` return_stats);
+    image_embeds: (images, latent_query_num, D)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    stats: dict | None = None
+    image_embeds: torch.Tensor | None = None
+
+
+class Kosmos2ForConditionalGeneration(nn.Module):
+    """Kosmos-2 with transformers' keyword names. Build from a config and ``init_weights()``, or load weights with
+    ``from_hf`` / ``from_pretrained`` (``mmcore.models.kosmos2.convert``)."""
+
+    def __init__(self, config: Kosmos2Config):
+        super().__init__()
+        self.config = config
+        self.vision_model = VisionTransformer(config.vision)
+        self.image_to_text_projection = ImageToTextProjection(config)
+        self.text_model = TextDecoder(config.text)
+
+    # ---- weights
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The tied output projection (vocab, D): the token embedding matrix."""
+        return self.text_model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> Kosmos2ForConditionalGeneration:
+        """Random initialisation for training from scratch: normal(0, init_std) linears and embeddings."""
+        std = self.config.text.init_std
+        init_linear_and_norms(self, std)
+        self.vision_model.init_weights(std)
+        nn.init.normal_(self.image_to_text_projection.latent_query, std=1.0)
+        return self
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.vision_model.gradient_checkpointing = self.text_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.vision_model.gradient_checkpointing = self.text_model.gradient_checkpointing = False
+
+    @classmethod
+    def from_hf(cls, model_or_path, *, num_bins: int = 32, dtype=None) -> Kosmos2ForConditionalGeneration:
+        from mmcore.models.kosmos2.convert import from_hf
+
+        return from_hf(cls, model_or_path, num_bins=num_bins, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, num_bins: int = 32, dtype=None, revision=None):
+        from mmcore.models.kosmos2.convert import from_pretrained
+
+        return from_pretrained(cls, name_or_path, num_bins=num_bins, dtype=dtype, revision=revision)
+
+    def to_hf(self):
+        from mmcore.models.kosmos2.convert import to_hf
+
+        return to_hf(self)
+
+    # ---- encoders
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (images, 3, H, W) -> image embeddings (images, latent_query_num, D): the ViT's tokens,
+        post-LayerNormed and L2-normalised, through the resampler."""
+        features = F.normalize(self.vision_model(pixel_values), dim=-1)
+        return self.image_to_text_projection(features)
+
+    def _images(self, pixel_values, image_embeds, image_mask):
+        """Image embeddings for the True slots of image_mask (checked on CPU tensors: one set of latents each)."""
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values)
+        if image_mask is None:
+            if image_embeds is not None:
+                raise ValueError("image_embeds_position_mask is required with pixel_values / image_embeds")
+            return None
+        if image_mask.device.type == "cpu" and not torch.compiler.is_compiling():
+            slots = int(image_mask.sum())
+            have = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+            if slots != have:
+                raise ValueError(
+                    f"image_embeds_position_mask marks {slots} slots but the images give {have} embeddings "
+                    f"({self.config.latent_query_num} per image); pass one image per row that has image slots"
+                )
+        return image_embeds
+
+    def decode(self, input_ids, positions, position_bound, layout, image_embeds=None, image_mask=None, cache=None):
+        """Packed decoder pass: (tokens,) ids -> (tokens, D) final hidden states."""
+        x = self.text_model.embed(input_ids, positions, position_bound, image_embeds, image_mask)
+        return self.text_model(x, layout, cache)
+
+    def _loss(self, hidden, targets, labels_given: bool):
+        if not labels_given:
+            return None, None
+        tokens = ops.GroundingTokens.from_config(self.config.text, self.config.num_bins)
+        loss, stats = ops.fused_linear_cross_entropy(
+            hidden, self.lm_head_weight, targets, return_stats=True, loc_range=(tokens.first_loc, tokens.loc_end)
+        )
+        return loss, stats
+
+    # ---- forward
+
+    def forward(
+        self,
+        pixel_values=None,
+        input_ids=None,
+        image_embeds_position_mask=None,
+        attention_mask=None,
+        labels=None,
+        *,
+        image_embeds=None,
+        return_logits: bool = True,
+    ) -> Kosmos2Output:
+        """Padded batch, transformers' names. input_ids (batch, seq); attention_mask (batch, seq) 0/1 whose ones are
+        contiguous in each row (left or right padding); image_embeds_position_mask (batch, seq) 1 at the
+        ``latent_query_num`` image slots of each row with an image; pixel_values (rows with image slots, 3, H, W);
+        labels (batch, seq), transformers' convention (the model shifts them; -100 ignored; targets at padded
+        positions are ignored). Positions follow transformers: the k-th non-pad token of a row is position k.
+
+        The padding is dropped and the rows packed, so the cost is that of the real tokens. return_logits=False
+        skips the (batch, seq, vocab) logits (the loss never needs them)."""
+        ids, mask = _check_padded(input_ids, attention_mask, "input_ids")
+        img_mask = None
+        if image_embeds_position_mask is not None:
+            img_mask = _check_like(image_embeds_position_mask, ids, "image_embeds_position_mask").bool()
+        keep = mask.bool()
+        lengths = keep.sum(1)
+        cu = cu_seqlens_from_lengths(lengths)
+        layout = PackedLayout.self_attention(cu, ids.shape[1])
+        # transformers' positions: count the non-pad tokens of the row (Kosmos2TextSinusoidalPositionalEmbedding)
+        nonpad = (ids != self.config.text.pad_token_id).long()
+        positions = (nonpad.cumsum(1) * nonpad + self.config.text.pad_token_id)[keep]
+        packed_img = img_mask[keep] if img_mask is not None else None
+        embeds = self._images(pixel_values, image_embeds, packed_img)
+        hidden = self.decode(ids[keep], positions, ids.shape[1] + 2, layout, embeds, packed_img)
+        targets = None
+        if labels is not None:
+            labels = _check_like(labels, ids, "labels").long()
+            targets = shift_targets(labels[keep], cu)
+        loss, stats = self._loss(hidden, targets, labels is not None)
+        logits = None
+        if return_logits:
+            logits = hidden.new_zeros(*ids.shape, self.config.text.vocab_size)
+            logits[keep] = F.linear(hidden, self.lm_head_weight)
+        return Kosmos2Output(loss=loss, logits=logits, stats=stats, image_embeds=embeds)
+
+    def forward_packed(
+        self,
+        pixel_values,
+        input_ids,
+        image_embeds_position_mask,
+        cu_seqlens,
+        max_seqlen: int,
+        labels=None,
+        *,
+        image_embeds=None,
+        return_logits: bool = False,
+    ) -> Kosmos2Output:
+        """Several samples in one packed stream (``mmcore.data.packing.collate_kosmos2_packed``): input_ids,
+        image_embeds_position_mask, labels (tokens,); cu_seqlens (samples + 1,) int32; pixel_values (images, 3, H,
+        W), one per sample with image slots, in order. Attention is causal within each sample, positions restart
+        at each sample, labels shift within each sample. Returns logits (tokens, vocab) only with return_logits."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
+            raise ValueError("input_ids must be a 1-D packed tensor (tokens,)")
+        if input_ids.is_floating_point():
+            raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor of samples + 1 offsets")
+        img_mask = None
+        if image_embeds_position_mask is not None:
+            img_mask = _check_like(image_embeds_position_mask, input_ids, "image_embeds_position_mask").bool()
+        if cu_seqlens.device.type == "cpu":
+            c = cu_seqlens.tolist()
+            if c[0] != 0 or c[-1] != input_ids.numel() or any(b < a for a, b in zip(c, c[1:], strict=False)):
+                raise ValueError(f"cu_seqlens must rise from 0 to the token count {input_ids.numel()}")
+            if max(b - a for a, b in zip(c, c[1:], strict=False)) > max_seqlen:
+                raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sample")
+        layout = PackedLayout.self_attention(cu_seqlens, max_seqlen)
+        positions = segment_positions(cu_seqlens, input_ids.numel()) + self.config.text.pad_token_id + 1
+        embeds = self._images(pixel_values, image_embeds, img_mask)
+        hidden = self.decode(input_ids.long(), positions, max_seqlen + 2, layout, embeds, img_mask)
+        targets = None
+        if labels is not None:
+            targets = shift_targets(_check_like(labels, input_ids, "labels").long(), cu_seqlens)
+        loss, stats = self._loss(hidden, targets, labels is not None)
+        logits = F.linear(hidden, self.lm_head_weight) if return_logits else None
+        return Kosmos2Output(loss=loss, logits=logits, stats=stats, image_embeds=embeds)
+
+    # ---- generation
+
+    def generate(self, pixel_values=None, input_ids=None, image_embeds_position_mask=None, attention_mask=None, **kw):
+        """Prompt + new ids (batch, prompt_len + new); see ``mmcore.models.kosmos2.generation.generate``."""
+        from mmcore.models.kosmos2.generation import generate
+
+        return generate(self, pixel_values, input_ids, image_embeds_position_mask, attention_mask, **kw)
+
+    @staticmethod
+    def post_process(ids, tokenizer, num_bins: int = 32):
+        """Generated ids (batch, len) -> [(clean text, entities)] per row, as transformers'
+        ``post_process_generation`` on ``batch_decode(ids, skip_special_tokens=True)``."""
+        from mmcore.grounding import extract_entities_batch
+
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return extract_entities_batch([t.split("</image>")[-1] for t in texts], num_bins)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def segment_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(tokens,) int64: each token's index within its segment."""
+    idx = torch.arange(total, device=cu_seqlens.device)
+    seg = torch.searchsorted(cu_seqlens[1:].long(), idx, right=True)
+    return idx - cu_seqlens.long()[seg]
+
+
+def shift_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Packed labels (transformers' convention) -> per-token targets: token i predicts ``labels[i + 1]`` within its
+    segment; each segment's last token predicts nothing."""
+    targets = torch.roll(labels, -1)
+    if labels.numel():
+        last = cu_seqlens[1:].long() - 1
+        last = last[cu_seqlens[1:] > cu_seqlens[:-1]]
+        targets[last] = ignore_index
+    return targets
+
+
+def _check_like(t, ref: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(t, device=ref.device)
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have shape {tuple(ref.shape)} like input_ids, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref.device} with input_ids, got {t.device}")
+    if t.is_floating_point():
+        raise TypeError(f"{name} must be an integer or bool tensor, got {t.dtype}")
+    return t
+
+
+def _check_padded(input_ids, attention_mask, name: str):
+    """(batch, seq) ids and a 0/1 mask whose ones are contiguous in every row (checked on CPU)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError(f"{name} must be a (batch, seq) tensor")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be integers, got {input_ids.dtype}")
+    if attention_mask is None:
+        return input_ids.long(), torch.ones_like(input_ids, dtype=torch.long)
+    mask = _check_like(attention_mask, input_ids, "attention_mask").long()
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        # contiguous ones: at most one 0->1 step and one 1->0 step per row, in that order
+        rises = (mask[:, 1:] > mask[:, :-1]).sum(1) + mask[:, 0]
+        if bool((rises > 1).any()):
+            r = int((rises > 1).nonzero()[0, 0])
+            raise ValueError(f"attention_mask[{r}] has holes: each row's ones must be contiguous (left/right padding)")
+    return input_ids.long(), mask
