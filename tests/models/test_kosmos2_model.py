@@ -1,0 +1,298 @@
+"""mmcore's Kosmos-2 against transformers' on tiny random models: logits, loss, weights round trip, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmcore import ops
+from mmcore.models.kosmos2 import Kosmos2Config, Kosmos2ForConditionalGeneration
+from mmcore.models.kosmos2.modeling import segment_positions, shift_targets
+
+transformers = pytest.importorskip("transformers")
+
+NUM_BINS = 4  # 16 location tokens: the vocabulary stays tiny
+VOCAB = 140
+LATENTS = 3
+
+
+def hf_config(**text):
+    t = dict(vocab_size=VOCAB, embed_dim=32, layers=2, attention_heads=4, ffn_dim=37, max_position_embeddings=128)
+    t.update(dropout=0.0, attention_dropout=0.0, **text)
+    v = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+    v.update(intermediate_size=37)
+    return transformers.Kosmos2Config(text_config=t, vision_config=v, latent_query_num=LATENTS)
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    hf = transformers.Kosmos2ForConditionalGeneration(hf_config()).eval()
+    return hf, Kosmos2ForConditionalGeneration.from_hf(hf, num_bins=NUM_BINS)
+
+
+def make_batch(lengths, plen=None, seed=0, image_rows=None):
+    """Left-padded prompts: bos, <image>, LATENTS image slots, </image>, random text."""
+    g = torch.Generator().manual_seed(seed)
+    plen = plen or max(lengths)
+    batch = len(lengths)
+    ids = torch.ones(batch, plen, dtype=torch.long)
+    mask = torch.zeros(batch, plen, dtype=torch.long)
+    img = torch.zeros(batch, plen, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        row = torch.randint(4, 90, (n,), generator=g)
+        row[0] = 0
+        ids[r, plen - n :] = row
+        mask[r, plen - n :] = 1
+        if image_rows is None or r in image_rows:
+            img[r, plen - n + 2 : plen - n + 2 + LATENTS] = 1
+    n_images = int(img.any(1).sum())
+    pixels = torch.randn(n_images, 3, 32, 32, generator=g)
+    return ids, mask, img, pixels
+
+
+def hf_logits(hf, ids, mask, img, pixels):
+    with torch.no_grad():
+        return hf(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask).logits
+
+
+def assert_close_at(a, b, where, rtol=1e-4):
+    err = (a[where] - b[where]).abs().max().item()
+    scale = a[where].abs().max().item()
+    assert err <= rtol * scale, f"max abs error {err:.3g} over max |logit| {scale:.3g} (rtol {rtol})"
+
+
+def test_logits_equal_transformers_unpadded(models):
+    hf, mm = models
+    ids, mask, img, pixels = make_batch([11, 11, 11])
+    with torch.no_grad():
+        ours = mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask).logits
+    assert_close_at(hf_logits(hf, ids, mask, img, pixels), ours, mask.bool())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_equal_transformers_padded(models, side):
+    hf, mm = models
+    ids, mask, img, pixels = make_batch([12, 7, 9], seed=1)
+    if side == "right":
+        for r in range(3):
+            n = int(mask[r].sum())
+            ids[r] = torch.cat([ids[r, -n:], ids[r, : 12 - n]])
+            mask[r] = torch.cat([mask[r, -n:], mask[r, : 12 - n]])
+            img[r] = torch.cat([img[r, -n:], img[r, : 12 - n]])
+    with torch.no_grad():
+        ours = mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask).logits
+    assert_close_at(hf_logits(hf, ids, mask, img, pixels), ours, mask.bool())
+    assert bool((ours[~mask.bool()] == 0).all()), "logits at padded positions are zeros"
+
+
+def test_rows_without_image(models):
+    hf, mm = models
+    ids, mask, img, pixels = make_batch([9, 9, 9], seed=2, image_rows={0, 2})
+    with torch.no_grad():
+        ours = mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask).logits
+    ref = hf_logits(hf, ids, mask, img, pixels)
+    assert_close_at(ref, ours, mask.bool())
+
+
+def test_loss_and_grads_equal_transformers(models):
+    hf, mm = models
+    ids, mask, img, pixels = make_batch([10, 8], seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100
+    out_hf = hf(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask, labels=labels)
+    out_mm = mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out_mm.loss, out_hf.loss, rtol=1e-5, atol=1e-6)
+    out_hf.loss.backward()
+    out_mm.loss.backward()
+    pairs = {
+        "text_model.embed_tokens.weight": "text_model.model.embed_tokens.weight",
+        "text_model.layers.0.fc1.weight": "text_model.model.layers.0.ffn.fc1.weight",
+        "image_to_text_projection.latent_query": "image_to_text_projection.latent_query",
+        "vision_model.blocks.1.fc2.weight": "vision_model.model.encoder.layers.1.mlp.fc2.weight",
+        "vision_model.patch_embed.weight": "vision_model.model.embeddings.patch_embedding.weight",
+    }
+    ours, theirs = dict(mm.named_parameters()), dict(hf.named_parameters())
+    for a, b in pairs.items():
+        torch.testing.assert_close(ours[a].grad, theirs[b].grad, rtol=1e-4, atol=1e-6, msg=lambda m, a=a: f"{a}: {m}")
+    mm.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+    assert out_mm.stats["tokens"] == int((labels[:, 1:] != -100).sum())
+
+
+def test_checkpoint_round_trip(models, tmp_path):
+    hf, mm = models
+    hf.save_pretrained(tmp_path / "hf")
+    loaded = Kosmos2ForConditionalGeneration.from_hf(tmp_path / "hf", num_bins=NUM_BINS)
+    for name, t in mm.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    back = loaded.to_hf().state_dict()
+    for name, t in hf.state_dict().items():
+        assert torch.equal(t, back[name]), name
+    ids, mask, img, pixels = make_batch([8], seed=4)
+    assert_close_at(
+        hf_logits(hf, ids, mask, img, pixels), hf_logits(loaded.to_hf(), ids, mask, img, pixels), mask.bool()
+    )
+
+
+def test_pickled_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(hf_config().to_json_string())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="pickled weights are not loaded"):
+        Kosmos2ForConditionalGeneration.from_hf(tmp_path)
+
+
+def test_config_round_trip():
+    cfg = Kosmos2Config.from_hf(hf_config(), num_bins=NUM_BINS)
+    again = Kosmos2Config.from_hf(cfg.to_hf(), num_bins=NUM_BINS)
+    assert again == cfg
+    assert Kosmos2Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_greedy_equals_transformers(models, ngram):
+    hf, mm = models
+    ids, mask, img, pixels = make_batch([9], seed=5)
+    ref = hf.generate(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask,
+                      max_new_tokens=24, do_sample=False, no_repeat_ngram_size=ngram)  # fmt: skip
+    ours = mm.generate(pixels, ids, img, mask, max_new_tokens=24, no_repeat_ngram_size=ngram, constrain_boxes=False)
+    assert ours.tolist() == ref.tolist()
+
+
+def test_left_padded_batch_equals_each_row_alone(models):
+    """Each row of a left-padded batch gets what it gets alone (transformers' cached positions count the pads)."""
+    hf, mm = models
+    lengths = [12, 6, 9, 7]
+    ids, mask, img, pixels = make_batch(lengths, seed=6)
+    batch = mm.generate(pixels, ids, img, mask, max_new_tokens=16, min_new_tokens=16, constrain_boxes=False)
+    for r, n in enumerate(lengths):
+        alone = hf.generate(pixel_values=pixels[r : r + 1], input_ids=ids[r : r + 1, -n:],
+                            image_embeds_position_mask=img[r : r + 1, -n:], attention_mask=mask[r : r + 1, -n:],
+                            max_new_tokens=16, min_new_tokens=16, do_sample=False, no_repeat_ngram_size=3)  # fmt: skip
+        assert batch[r, -16:].tolist() == alone[0, -16:].tolist(), f"row {r}"
+
+
+def _well_formed(seq: list[int], t: ops.GroundingTokens) -> bool:
+    """Location tokens only as <object> (loc loc (delim loc loc)*) </object>, bottom-right not above/left."""
+    i = 0
+    while i < len(seq):
+        tok = seq[i]
+        if t.first_loc <= tok < t.loc_end or tok in (t.object_close, t.delimiter):
+            return False
+        if tok == t.object_open:
+            i += 1
+            while True:
+                if i + 1 >= len(seq):
+                    return True  # cut off by max_new_tokens
+                a, b = seq[i] - t.first_loc, seq[i + 1] - t.first_loc
+                if not (0 <= a < t.num_bins**2 and 0 <= b < t.num_bins**2):
+                    return False
+                if b // t.num_bins < a // t.num_bins or b % t.num_bins < a % t.num_bins:
+                    return False
+                i += 2
+                if i >= len(seq):
+                    return True
+                if seq[i] == t.object_close:
+                    break
+                if seq[i] != t.delimiter:
+                    return False
+                i += 1
+        i += 1
+    return True
+
+
+def test_sampling_gives_well_formed_boxes(models):
+    _, mm = models
+    tokens = ops.GroundingTokens.from_config(mm.config.text, NUM_BINS)
+    ids, mask, img, pixels = make_batch([8] * 16, seed=7)
+    # make boxes likely: the prompt opens a phrase and the temperature flattens the distribution
+    ids[:, -1] = tokens.phrase_close
+    out = mm.generate(pixels, ids, img, mask, max_new_tokens=40, do_sample=True, temperature=50.0, seed=11,
+                      no_repeat_ngram_size=0)  # fmt: skip
+    new = out[:, ids.shape[1] :]
+    assert bool((new[:, 0] == tokens.object_open).all()), "after </phrase> comes <object>"
+    opened = 0
+    for row in new.tolist():
+        assert _well_formed(row, tokens), row
+        opened += row.count(tokens.object_open)
+    assert opened > 16
+
+
+def test_packed_equals_per_sample(models):
+    """Three samples in one packed stream: loss and gradients equal the separate forwards'."""
+    _, mm = models
+    ids, mask, img, pixels = make_batch([10, 6, 8], seed=8, image_rows={0, 2})
+    samples = []
+    for r in range(3):
+        keep = mask[r].bool()
+        samples.append((ids[r][keep], img[r][keep]))
+    labels = [s[0].clone() for s in samples]
+    for lab in labels:
+        lab[:3] = -100
+    sum_loss, n_targets = 0.0, 0
+    for p in mm.parameters():
+        p.grad = None
+    pix = iter(pixels)
+    for (sid, simg), lab in zip(samples, labels, strict=True):
+        px = next(pix)[None] if simg.any() else None
+        out = mm(pixel_values=px, input_ids=sid[None], image_embeds_position_mask=simg[None], labels=lab[None])
+        n = int((lab[1:] != -100).sum())
+        (out.loss * n).backward()
+        sum_loss, n_targets = sum_loss + out.loss.item() * n, n_targets + n
+    separate = {k: p.grad.clone() for k, p in mm.named_parameters()}
+    for p in mm.parameters():
+        p.grad = None
+    cu = torch.tensor([0, 10, 16, 24], dtype=torch.int32)
+    packed = mm.forward_packed(pixels, torch.cat([s[0] for s in samples]), torch.cat([s[1] for s in samples]), cu, 10,
+                               labels=torch.cat(labels))  # fmt: skip
+    assert packed.stats["tokens"] == n_targets
+    torch.testing.assert_close(packed.loss.item() * n_targets, sum_loss, rtol=1e-5, atol=1e-5)
+    (packed.loss * n_targets).backward()
+    for k, p in mm.named_parameters():
+        torch.testing.assert_close(p.grad, separate[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for p in mm.parameters():
+        p.grad = None
+
+
+def test_gradient_checkpointing_same_grads(models):
+    _, mm = models
+    ids, mask, img, pixels = make_batch([9, 9], seed=9)
+    grads = []
+    for ckpt in (False, True):
+        (mm.gradient_checkpointing_enable if ckpt else mm.gradient_checkpointing_disable)()
+        mm.train()
+        mm(
+            pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask, labels=ids
+        ).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in mm.named_parameters()})
+        mm.zero_grad(set_to_none=True)
+    mm.gradient_checkpointing_disable()
+    mm.eval()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_helpers():
+    cu = torch.tensor([0, 3, 3, 5], dtype=torch.int32)
+    assert segment_positions(cu, 5).tolist() == [0, 1, 2, 0, 1]
+    assert shift_targets(torch.tensor([1, 2, 3, 4, 5]), cu).tolist() == [2, 3, -100, 5, -100]
+
+
+def test_bad_input(models):
+    _, mm = models
+    ids, mask, img, pixels = make_batch([8, 6], seed=10)
+    holes = mask.clone()
+    holes[0, 4] = 0
+    with pytest.raises(ValueError, match="attention_mask\\[0\\] has holes"):
+        mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=holes)
+    with pytest.raises(ValueError, match="marks 6 slots but the images give 3"):
+        mm(pixel_values=pixels[:1], input_ids=ids, image_embeds_position_mask=img, attention_mask=mask)
+    with pytest.raises(ValueError, match="pixel_values must have shape"):
+        mm(pixel_values=pixels[:, :, :16], input_ids=ids, image_embeds_position_mask=img, attention_mask=mask)
+    right = mask.flip(1)
+    with pytest.raises(ValueError, match="not left padding"):
+        mm.generate(pixels, ids, img, right, max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        mm.generate(pixels, ids, img, mask, max_new_tokens=0)
+    with pytest.raises(ValueError, match="image_embeds_position_mask must have shape"):
+        mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img[:, :3], attention_mask=mask)
