@@ -58,3 +58,49 @@ def assert_close_to_ref(
             f"ref {float(ref[where]):.6g}), mean error {mean:.3e}; tolerance {tol:.3e} = {factor:g} x "
             f"PyTorch's error {base_err:.3e} + floor {floor:g}"
         )
+
+
+# Sentences for the small Kosmos-2-style tokenizer below: enough text for ~200 BPE pieces, so the 64 image placeholder
+# ids 4 ... 67 are ordinary pieces, as in the released vocabulary.
+_KOSMOS2_CORPUS = (
+    "An image of a snowman warming himself by a fire.",
+    "A dog is sitting on the grass next to a red ball.",
+    "Two people are riding bicycles along the river at sunset.",
+    "The cat sleeps on a wooden table in the kitchen.",
+    "A man in a blue shirt holds an umbrella in the rain.",
+    "Children play football in the park while birds fly overhead.",
+)
+_KOSMOS2_VOCABS: dict[int, tuple[dict[str, int], list[tuple[str, str]]]] = {}
+
+
+def make_kosmos2_tokenizer(vocab_size: int = 200):
+    """A fresh small tokenizer shaped like Kosmos-2's (XLM-R style): ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3,
+    sentencepiece-like BPE pieces after them, ``<s> ... </s>`` added by ``add_special_tokens``. Returns a
+    ``transformers.PreTrainedTokenizerFast`` without the Kosmos-2 tag and location tokens (the processor adds them).
+
+    Every call with the same ``vocab_size`` builds an identical tokenizer (the BPE is trained once per process)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    if vocab_size not in _KOSMOS2_VOCABS:
+        trained = Tokenizer(models.BPE(unk_token="<unk>"))
+        trained.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        trained.train_from_iterator(_KOSMOS2_CORPUS, trainer)
+        state = json.loads(trained.to_str())["model"]
+        merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in state["merges"]]
+        _KOSMOS2_VOCABS[vocab_size] = (state["vocab"], merges)
+    vocab, merges = _KOSMOS2_VOCABS[vocab_size]
+    tok = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges), unk_token="<unk>"))
+    tok.add_special_tokens(specials)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
