@@ -1,6 +1,7 @@
 """The ``mmcore`` command.
 
 mmcore info      version, torch/Triton/CUDA, whether mmcore._C loaded, and each op's backends
+mmcore ground    grounded captions (markdown links + annotated images) from a Kosmos-2 checkpoint
 """
 
 from __future__ import annotations
@@ -54,12 +55,40 @@ def _info(args) -> int:
     return 0
 
 
+def _ground(args) -> int:
+    from mmcore.models.kosmos2.ground import run_cli
+
+    try:
+        return run_cli(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmcore ground: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmcore", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print the version and which backends can run here")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_info)
+    ground = sub.add_parser(
+        "ground",
+        help="caption images with Kosmos-2, boxes as markdown links; draw them",
+        description="One image: print the grounded caption (and draw it with --out FILE.png). A folder: caption "
+        "every image in batches, write OUT/results.jsonl and one annotated PNG per image (OUT defaults to "
+        "./mmcore_ground).",
+    )
+    ground.add_argument("--checkpoint", required=True, help="local Hugging Face Kosmos-2 folder or hub id")
+    ground.add_argument("--image", required=True, help="an image file or a folder of images")
+    ground.add_argument("--prompt", default="<grounding> An image of")
+    ground.add_argument("--out", help="annotated PNG (one image) or output folder (a folder of images)")
+    ground.add_argument("--batch-size", type=int, default=8)
+    ground.add_argument("--max-new-tokens", type=int, default=64)
+    ground.add_argument("--device", default="cpu")
+    ground.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ground.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    ground.add_argument("--seed", type=int, default=None)
+    ground.set_defaults(func=_ground)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -2,6 +2,7 @@
 
 from mmcore.models.kosmos2.config import Kosmos2Config, Kosmos2TextConfig
 from mmcore.models.kosmos2.modeling import Kosmos2ForConditionalGeneration, Kosmos2Output, KVCache, PackedLayout
+from mmcore.models.kosmos2.processing import Kosmos2Processor
 from mmcore.models.layers.vit import ViTConfig
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "Kosmos2Config",
     "Kosmos2ForConditionalGeneration",
     "Kosmos2Output",
+    "Kosmos2Processor",
     "Kosmos2TextConfig",
     "PackedLayout",
     "ViTConfig",
