@@ -216,6 +216,19 @@ def test_sampling_gives_well_formed_boxes(models):
         assert _well_formed(row, tokens), row
         opened += row.count(tokens.object_open)
     assert opened > 16
+    full_head = mm.generate(pixels, ids, img, mask, max_new_tokens=40, do_sample=True, temperature=50.0, seed=11,
+                            no_repeat_ngram_size=0, narrow_head=False)  # fmt: skip
+    assert torch.equal(out, full_head), "computing only the grammar's rows of the head changes no token"
+
+
+def test_narrow_head_greedy_same_tokens(models):
+    _, mm = models
+    tokens = ops.GroundingTokens.from_config(mm.config.text, NUM_BINS)
+    ids, mask, img, pixels = make_batch([9, 7, 8], seed=12)
+    ids[:, -1] = tokens.phrase_close
+    runs = [mm.generate(pixels, ids, img, mask, max_new_tokens=12, narrow_head=n) for n in (True, False)]
+    assert torch.equal(*runs)
+    assert bool((runs[0][:, ids.shape[1]] == tokens.object_open).all())
 
 
 def test_packed_equals_per_sample(models):

@@ -10,7 +10,11 @@ positions count only its own tokens: each row gets exactly what it gets alone. t
 the positions of cached steps (shared/research/kosmos2.md section 1.13, item 2); mmcore does not.
 
 Nothing in a step reads the device on the host except the check for "every row finished" (every step on the CPU,
-every ``FINISHED_CHECK_EVERY`` steps on a GPU).
+every ``FINISHED_CHECK_EVERY`` steps on a GPU) and, on the CPU with the box grammar on, the rows' grammar states:
+when every unfinished row is inside a box, the output head computes only the rows the grammar can allow (the
+1,024 location tokens, or ``<object>`` after ``</phrase>``, or ``</object>`` / the delimiter) and the others get
+-inf, which the grammar would have banned anyway -- the tokens chosen are the same, the head's cost (the largest
+of a step at batch 1) drops 64x or more on those steps.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from mmcore import ops
 from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
+from mmcore.ops import decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
 
@@ -37,6 +42,32 @@ def _layout(starts, end: int, new: torch.Tensor, max_len: int, max_new: int) -> 
     q_bounds = torch.stack([q_ends - new, q_ends], dim=1).reshape(-1)
     cu_q = torch.cat([q_bounds.new_zeros(1), q_bounds, q_ends[-1:]]).to(torch.int32)
     return PackedLayout(cu_q, cu_k, max_new, max_len)
+
+
+def _grammar_rows(state: ops.DecodeState, tokens: ops.GroundingTokens) -> tuple[int, int] | None:
+    """The vocabulary range [start, end) holding every token the grammar allows next in every unfinished row, when
+    all of them are in one box state that allows a contiguous range; else None (compute the whole head)."""
+    states = state.box_state[~state.finished].unique().tolist()
+    if len(states) != 1:
+        return None
+    (s,) = states
+    if s in (decoding.EXPECT_TOP_LEFT, decoding.EXPECT_BOTTOM_RIGHT):
+        return tokens.first_loc, tokens.loc_end
+    if s == decoding.AFTER_PHRASE:
+        return tokens.object_open, tokens.object_open + 1
+    if s == decoding.EXPECT_CLOSE:
+        lo, hi = sorted((tokens.object_close, tokens.delimiter))
+        return (lo, hi + 1) if hi == lo + 1 else None
+    return None
+
+
+def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    """(batch, vocab) float32 logits; with ``rows`` only that range is computed and the rest is -inf."""
+    if rows is None:
+        return F.linear(hidden, weight).float()
+    logits = torch.full((hidden.shape[0], weight.shape[0]), -torch.inf, dtype=torch.float32, device=hidden.device)
+    logits[:, rows[0] : rows[1]] = F.linear(hidden, weight[rows[0] : rows[1]]).float()
+    return logits
 
 
 def _check_prompt(input_ids, attention_mask, image_embeds_position_mask):
@@ -86,6 +117,7 @@ def generate(
     seed: int | None = None,
     image_embeds=None,
     tokens: ops.GroundingTokens | None = None,
+    narrow_head: bool = True,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after left-padded prompts; returns (batch, prompt_len + steps) int64, the
@@ -97,7 +129,9 @@ def generate(
     tokens only inside ``<object>...</object>``, bottom-right not above/left of top-left); with False, greedy
     output equals transformers'. seed: the sampling key (default drawn from torch's generator). tokens: the
     grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
-    the arguments override it). backend: force the decoding step's backend.
+    the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
+    allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). backend: force the decoding
+    step's backend.
     """
     config = model.config
     mask = _check_prompt(input_ids, attention_mask, image_embeds_position_mask)
@@ -149,8 +183,9 @@ def generate(
     state = ops.DecodeState.create(ids, max_new_tokens, tokens, attention_mask=mask, seed=seed)
     check_every = 1 if device.type == "cpu" else FINISHED_CHECK_EVERY
     ones = torch.ones(batch, dtype=torch.long, device=device)
+    narrow = narrow_head and constrain_boxes and device.type == "cpu"
     for step in range(max_new_tokens):
-        logits = F.linear(last, model.lm_head_weight).float()
+        logits = _head(last, model.lm_head_weight, _grammar_rows(state, tokens) if narrow else None)
         next_tokens = ops.grounded_decode_step(logits, state, tokens, **step_options)
         if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(state.finished.all())):
             break
