@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mmcore.models.kosmos2.config import Kosmos2Config
+from mmcore.models.layers.convert import clip_vit_name_map
 
 _V, _T, _P = "vision_model.model.", "text_model.model.", "image_to_text_projection."
 
@@ -33,20 +34,7 @@ def _name_map(config: Kosmos2Config) -> list[tuple[str, list[str]]]:
         for kind in ("weight", "bias"):
             pairs.append((f"{ours}.{kind}", [f"{prefix}{p}_proj.{kind}" for p in parts]))
 
-    one("vision_model.patch_embed.weight", _V + "embeddings.patch_embedding.weight")
-    one("vision_model.class_embedding", _V + "embeddings.class_embedding")
-    if config.vision.position_embedding == "learned":
-        one("vision_model.position_embedding", _V + "embeddings.position_embedding.weight")
-    norm("vision_model.pre_norm", _V + "pre_layrnorm")
-    for i in range(config.vision.num_layers):
-        ours, theirs = f"vision_model.blocks.{i}.", f"{_V}encoder.layers.{i}."
-        norm(ours + "norm1", theirs + "layer_norm1")
-        fused(ours + "attn.qkv", theirs + "self_attn.", "qkv")
-        norm(ours + "attn.out_proj", theirs + "self_attn.out_proj")
-        norm(ours + "norm2", theirs + "layer_norm2")
-        norm(ours + "fc1", theirs + "mlp.fc1")
-        norm(ours + "fc2", theirs + "mlp.fc2")
-    norm("vision_model.post_norm", _V + "post_layernorm")
+    pairs += clip_vit_name_map(config.vision, "vision_model.", _V)
     one("image_to_text_projection.latent_query", _P + "latent_query")
     norm("image_to_text_projection.dense", _P + "dense")
     norm("image_to_text_projection.q_proj", _P + "x_attn.q_proj")

@@ -1,0 +1,417 @@
+"""COSA (shared/research/cosa.md section 1): a vision encoder, a bridge, and one BERT that is the text encoder, the
+multimodal encoder and the decoder.
+
+    feats   = vit(frames)                                     (batch, frames, tokens, vision D), post-LN on all tokens
+    vision  = LN(Linear(feats)) + frame_embedding[slot]       (batch * frames * tokens, D): the cross-attention keys
+    text    = BERT(ids)                                       self-attention only: ITC
+    joint   = BERT(ids, cross=vision)                         + cross-attention in every layer: ITM, MLM (full),
+                                                              captioning (causal), QA (prefix)
+    BERT layer (post-LN):  x = LN(x + attn(x));  x = LN(x + xattn(x, vision));  x = LN(x + fc2(gelu(fc1(x))))
+
+Text is packed (``PackedText``: no padding, one segment per caption or per concatenated paragraph); every attention
+is ``mmcore.ops.packed_attention``. ``forward`` runs COSA's pretraining step: the single-sample pass and the
+concatenated pass (``mmcore.models.cosa.concat``) with their objectives, and returns the named losses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcore import ops
+from mmcore.models.cosa.concat import (
+    PackedText,
+    concatenate,
+    gather_batch,
+    gather_packed,
+    pack_padded,
+    select_segments,
+    token_positions,
+    unpack,
+)
+from mmcore.models.cosa.config import COSAConfig, COSATextConfig
+from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
+from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
+from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
+
+# ------------------------------------------------------------------------------------------ text encoder
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: COSATextConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, d)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = config.hidden_dropout_prob
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(tokens,) ids and positions -> (tokens, D); token type 0 everywhere, as COSA."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        return F.dropout(self.norm(x), self.dropout, self.training)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: COSATextConfig):
+        super().__init__()
+        d, eps, heads = config.hidden_size, config.layer_norm_eps, config.num_attention_heads
+        self.self_attn = PackedSelfAttention(d, heads, config.attention_probs_dropout_prob)
+        self.self_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.cross_attn = PackedCrossAttention(d, d, heads, config.attention_probs_dropout_prob)
+        self.cross_attn_norm = nn.LayerNorm(d, eps=eps)
+        self.fc1 = nn.Linear(d, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=eps)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.dropout = config.hidden_dropout_prob
+
+    def _drop(self, x):
+        return F.dropout(x, self.dropout, self.training)
+
+    def forward(self, x, seg: Segments, mode="full", prefix_lens=None, vision=None, vision_seg=None):
+        x = self.self_attn_norm(x + self._drop(self.self_attn(x, seg, mode, prefix_lens)))
+        if vision is not None:
+            x = self.cross_attn_norm(x + self._drop(self.cross_attn(x, seg, vision, vision_seg)))
+        return self.ffn_norm(x + self._drop(self.fc2(self.act(self.fc1(x)))))
+
+
+class TextEncoder(nn.Module):
+    """BERT on packed tokens; cross-attention runs only when vision tokens are given."""
+
+    def __init__(self, config: COSATextConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, text: PackedText, mode="full", prefix_lens=None, vision=None, vision_seg=None):
+        """text: packed ids; vision: (vision tokens, D) packed, segment s of ``vision_seg`` for text segment s ->
+        (tokens, D)."""
+        if text.max_seqlen > self.config.max_position_embeddings:
+            raise ValueError(
+                f"a text segment has {text.max_seqlen} tokens, more than max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        x = self.embeddings(text.input_ids, token_positions(text))
+        seg = text.segments
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, seg, mode, prefix_lens, vision, vision_seg, use_reentrant=False
+                )
+            else:
+                x = layer(x, seg, mode, prefix_lens, vision, vision_seg)
+        return x
+
+
+# ------------------------------------------------------------------------------------------ heads
+
+
+class FrameEmbedding(nn.Module):
+    """Learned temporal embeddings, one per frame slot, added to every token of the frame. A different frame count
+    uses the slots nearest-interpolated (4 slots -> 8 frames: e0 e0 e1 e1 e2 e2 e3 e3; -> 1 frame: e0), at run time
+    and when loading a state dict saved with another slot count."""
+
+    def __init__(self, slots: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(slots, dim))
+
+    def forward(self, frames: int) -> torch.Tensor:
+        """(frames, D)."""
+        return resize_slots(self.weight, frames)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if key in state_dict and state_dict[key].shape[0] != self.weight.shape[0]:
+            state_dict[key] = resize_slots(state_dict[key], self.weight.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def resize_slots(weight: torch.Tensor, frames: int) -> torch.Tensor:
+    """(slots, D) -> (frames, D) by nearest interpolation (``F.interpolate(mode="nearest")``, as the original)."""
+    if weight.shape[0] == frames:
+        return weight
+    return F.interpolate(weight.t()[None], size=frames, mode="nearest")[0].t()
+
+
+class MLMHead(nn.Module):
+    """BERT's prediction head: dense -> GELU -> LayerNorm, then the word embeddings (tied) plus a bias."""
+
+    def __init__(self, config: COSATextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The transform only: (N, D) -> (N, D); the vocabulary projection is fused into the loss."""
+        return self.norm(self.act(self.dense(hidden)))
+
+
+class ITMHead(nn.Module):
+    """Linear -> GELU -> LayerNorm(1e-12) -> Linear(2), on the [CLS] output."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-12)
+        self.out = nn.Linear(dim, 2)
+
+    def forward(self, x):
+        return self.out(self.norm(F.gelu(self.dense(x))))
+
+
+def build_vision_encoder(config: COSAConfig) -> nn.Module:
+    """The CLIP ViT (``vision_type="clip"``); Swin needs timm."""
+    if config.vision_type == "clip":
+        return VisionTransformer(config.vision)
+    try:
+        import timm  # noqa: F401
+    except ImportError as e:
+        raise ImportError("vision_type='swin' needs timm, which is not installed (pip install timm)") from e
+    raise NotImplementedError("vision_type='swin': the timm Swin encoder is not wired in yet; use vision_type='clip'")
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class COSAModel(nn.Module):
+    """COSA with its pretraining objectives. Build from a config and ``init_weights()``, or from transformers
+    models with ``from_hf(text=BertModel or BertForMaskedLM, vision=CLIPVisionModel)``."""
+
+    def __init__(self, config: COSAConfig):
+        super().__init__()
+        self.config = config
+        d, dv = config.text.hidden_size, config.vision_dim
+        self.vision_model = build_vision_encoder(config)
+        self.text_model = TextEncoder(config.text)
+        self.bridge = nn.Linear(dv, d)
+        self.bridge_norm = nn.LayerNorm(d, eps=1e-12)
+        self.frame_embedding = FrameEmbedding(config.frame_slots, d)
+        self.contra_head_t = nn.Linear(d, config.contra_dim, bias=False)
+        self.contra_head_v = nn.Linear(dv, config.contra_dim, bias=False)
+        self.contra_temp = nn.Parameter(torch.tensor(float(config.temperature)))
+        self.itm_head = ITMHead(d)
+        self.mlm_head = MLMHead(config.text)
+
+    # ---- weights
+
+    @torch.no_grad()
+    def init_weights(self) -> COSAModel:
+        """BERT-style random initialisation (normal(0, 0.02), zero biases, unit LayerNorms); frame embeddings
+        0.02 * randn, temperature from the config."""
+        std = self.config.text.initializer_range
+        init_linear_and_norms(self, std)
+        if isinstance(self.vision_model, VisionTransformer):
+            self.vision_model.init_weights(std)
+        nn.init.normal_(self.frame_embedding.weight, std=0.02)
+        nn.init.zeros_(self.mlm_head.bias)
+        self.contra_temp.fill_(self.config.temperature)
+        return self
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """(vocab, D): the token embeddings, also the MLM/caption output projection (tied)."""
+        return self.text_model.embeddings.word_embeddings.weight
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.vision_model.gradient_checkpointing = self.text_model.gradient_checkpointing = True
+
+    @classmethod
+    def from_hf(cls, *, text, vision, config: COSAConfig | None = None, **config_kw) -> COSAModel:
+        from mmcore.models.cosa.convert import from_hf
+
+        return from_hf(cls, text=text, vision=vision, config=config, **config_kw)
+
+    def to_hf(self):
+        from mmcore.models.cosa.convert import to_hf
+
+        return to_hf(self)
+
+    # ---- encoders
+
+    def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (batch, frames, 3, H, W) -> (batch, frames, tokens, vision D): every frame through the vision
+        encoder independently, all tokens post-LayerNormed (no projection)."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 5:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ValueError(f"pixel_values must have shape (batch, frames, 3, H, W), got {shape}")
+        b, n = pixel_values.shape[:2]
+        feats = self.vision_model(pixel_values.flatten(0, 1))
+        return feats.view(b, n, *feats.shape[1:])
+
+    def vision_tokens(self, features: torch.Tensor) -> tuple[torch.Tensor, Segments]:
+        """(batch, frames, tokens, vision D) -> cross-attention keys (batch * frames * tokens, D) with
+        ``LN(Linear(f)) + frame_embedding[frame]``, and their segments (one per sample)."""
+        b, n, t = features.shape[:3]
+        x = self.bridge_norm(self.bridge(features)) + self.frame_embedding(n)[None, :, None, :].to(features.dtype)
+        return x.reshape(b * n * t, -1), Segments.uniform(b, n * t, device=features.device)
+
+    def pool_vision(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, tokens, vision D) -> (batch, vision D) for ITC: CLIP's [CLS] token (Swin: the mean of
+        the tokens), then the mean over frames; from the raw encoder output, before the bridge."""
+        per_frame = features[:, :, 0] if self.config.vision_type == "clip" else features.mean(2)
+        return per_frame.mean(1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Text only (no cross-attention), bidirectional: right-padded (batch, seq) ids -> (batch, seq, D) last hidden
+        states, zeros at the padding."""
+        text = pack_padded(input_ids, attention_mask)
+        return unpack(self.text_model(text), text, input_ids.shape[1])
+
+    def text_features(self, text: PackedText) -> torch.Tensor:
+        """(segments, contra_dim) L2-normalised ITC features from the [CLS] states of a text-only pass."""
+        return F.normalize(self.contra_head_t(self.text_model(text)[text.first]), dim=-1)
+
+    def video_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, contra_dim) L2-normalised ITC features."""
+        return F.normalize(self.contra_head_v(self.pool_vision(features)), dim=-1)
+
+    def joint(self, text: PackedText, features: torch.Tensor, mode="full", prefix_lens=None) -> torch.Tensor:
+        """The multimodal pass: text segment s cross-attends to sample s of ``features`` -> (tokens, D)."""
+        vision, vision_seg = self.vision_tokens(features)
+        return self.text_model(text, mode, prefix_lens, vision, vision_seg)
+
+    # ---- objectives
+
+    def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the tied LM head on the rows with a label (the others are never projected)."""
+        rows = labels != IGNORE_INDEX
+        return ops.fused_linear_cross_entropy(
+            self.mlm_head(hidden[rows]), self.word_embeddings, labels[rows], bias=self.mlm_head.bias
+        )
+
+    def _mask(self, text: PackedText, probability: float, eligible=None, generator=None):
+        t = self.config.text
+        return mask_tokens(
+            text.input_ids,
+            text.cu_seqlens,
+            probability,
+            mask_token_id=t.mask_token_id,
+            random_range=(t.random_token_start, t.vocab_size),
+            eligible=eligible,
+            generator=generator,
+        )
+
+    def contrastive(self, text: PackedText, features: torch.Tensor):
+        """ITC similarities against the global batch: (sim_t2v, sim_v2t, targets), each sim (batch, global batch)
+        divided by the temperature; other ranks' features carry no gradient."""
+        t, v = self.text_features(text), self.video_features(features)
+        t_all, offset = gather_batch(t)
+        v_all, _ = gather_batch(v)
+        targets = offset + torch.arange(t.shape[0], device=t.device)
+        return t @ v_all.t() / self.contra_temp, v @ t_all.t() / self.contra_temp, targets
+
+    def itm_loss(self, text, features, sim_t2v, sim_v2t, targets, generator=None) -> torch.Tensor:
+        """Matching on 3 x batch pairs: (text, its video) label 1; (text, hard-negative video) and (hard-negative
+        text, video) label 0. Negatives come from the global batch, drawn from the softmax similarities."""
+        neg_video = sample_hard_negatives(sim_t2v, targets, generator)
+        neg_text = sample_hard_negatives(sim_v2t, targets, generator)
+        all_text, _ = gather_packed(text)
+        all_features, _ = gather_batch(features)
+        pairs_text = select_segments(all_text, torch.cat([targets, targets, neg_text]))
+        pairs_video = torch.cat([features, all_features[neg_video], features])
+        hidden = self.joint(pairs_text, pairs_video)
+        logits = self.itm_head(hidden[pairs_text.first])
+        b = targets.numel()
+        labels = torch.cat([targets.new_ones(b), targets.new_zeros(2 * b)])
+        return F.cross_entropy(logits.float(), labels)
+
+    def mlm_loss(self, text: PackedText, features: torch.Tensor, generator=None) -> torch.Tensor:
+        """15% of the tokens masked (80/10/10), bidirectional with cross-attention, predicted at the masked ones."""
+        ids, labels = self._mask(text, self.config.mlm_probability, generator=generator)
+        hidden = self.joint(PackedText(ids, text.cu_seqlens, text.max_seqlen), features, "full")
+        return self._token_loss(hidden, labels)
+
+    def caption_loss(self, text: PackedText, features: torch.Tensor, generator=None, mode=None) -> torch.Tensor:
+        """Causal captioning with cross-attention. "masked" (the official): 60% of the tokens masked, predicted at
+        the same positions; "next_token": unmasked input, token i predicts token i + 1 within its caption."""
+        mode = mode or self.config.caption_mode
+        if mode == "masked":
+            ids, labels = self._mask(text, self.config.caption_probability, generator=generator)
+        else:
+            ids, labels = text.input_ids, next_token_labels(text)
+        hidden = self.joint(PackedText(ids, text.cu_seqlens, text.max_seqlen), features, "causal")
+        return self._token_loss(hidden, labels)
+
+    def qa_loss(
+        self, pixel_values, question_ids, question_mask, answer_ids, answer_mask, *, features=None, generator=None
+    ) -> torch.Tensor:
+        """Generative QA fine-tuning: question (right-padded, [CLS] first) then answer in one segment; prefix mode
+        (the question is bidirectional and cannot see the answer, the answer is causal and sees the question); 99%
+        of the answer tokens masked and predicted."""
+        if features is None:
+            features = self.encode_vision(pixel_values)
+        question, answer = pack_padded(question_ids, question_mask), pack_padded(answer_ids, answer_mask)
+        ids = torch.cat([question_ids, answer_ids], 1)[torch.cat([question_mask, answer_mask], 1).bool()].long()
+        text = PackedText.from_lengths(ids, question.lengths + answer.lengths)
+        is_answer = torch.arange(ids.numel(), device=ids.device) >= (
+            torch.repeat_interleave(text.first + question.lengths, text.lengths, output_size=ids.numel())
+        )
+        masked, labels = self._mask(text, self.config.qa_probability, eligible=is_answer, generator=generator)
+        prefix = question.lengths.to(torch.int32)
+        hidden = self.joint(PackedText(masked, text.cu_seqlens, text.max_seqlen), features, "prefix", prefix)
+        return self._token_loss(hidden, labels)
+
+    def objectives(self, text: PackedText, features: torch.Tensor, tasks, suffix: str, generator=None) -> dict:
+        """The named losses of one pass (``{task}_{suffix}``)."""
+        out = {}
+        if "itc" in tasks or "itm" in tasks:
+            sim_t2v, sim_v2t, targets = self.contrastive(text, features)
+            if "itc" in tasks:
+                out[f"itc_{suffix}"] = itc_loss(sim_t2v, sim_v2t, targets, self.config.label_smoothing)
+            if "itm" in tasks:
+                loss = self.itm_loss(text, features, sim_t2v, sim_v2t, targets, generator)
+                out[f"itm_{suffix}"] = self.config.itm_ratio * loss
+        if "mlm" in tasks:
+            out[f"mlm_{suffix}"] = self.mlm_loss(text, features, generator)
+        if "cap" in tasks:
+            out[f"cap_{suffix}"] = self.caption_loss(text, features, generator)
+        return out
+
+    def forward(
+        self, pixel_values, input_ids, attention_mask=None, *, concat: int | None = None, reencode=False, generator=None
+    ) -> dict:
+        """One pretraining step. pixel_values (batch, frames, 3, H, W); input_ids / attention_mask (batch, seq),
+        right-padded, each caption ``[CLS] ... [SEP]``. Runs ``origin_tasks`` on the single samples and, with
+        concat > 1, ``concat_tasks`` on pseudo video-paragraph pairs of ``concat`` samples (with concat = 1 both
+        task lists run on the single samples). Returns {"itc_origin": ..., "itm_concatenated": ..., "loss": sum}.
+        generator: a torch.Generator for the masks, hard negatives and partners (seed it per rank)."""
+        k = self.config.concat if concat is None else concat
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"concat must be a positive int, got {k!r}")
+        text = pack_padded(input_ids, attention_mask)
+        features = self.encode_vision(pixel_values)
+        if features.shape[0] != len(text):
+            raise ValueError(f"pixel_values has {features.shape[0]} samples but input_ids has {len(text)} captions")
+        cfg = self.config
+        origin = cfg.origin_tasks if k > 1 else tuple(dict.fromkeys(cfg.origin_tasks + cfg.concat_tasks))
+        losses = self.objectives(text, features, origin, "origin", generator)
+        if k > 1 and cfg.concat_tasks:
+            batch = concatenate(
+                text,
+                features,
+                k,
+                max_tokens=cfg.max_concat_tokens,
+                cls_id=cfg.text.cls_token_id,
+                sep_id=cfg.text.sep_token_id,
+                generator=generator,
+                pixel_values=pixel_values if reencode else None,
+                encode=self.encode_vision if reencode else None,
+            )
+            losses.update(self.objectives(batch.text, batch.features, cfg.concat_tasks, "concatenated", generator))
+        losses["loss"] = sum(losses.values())
+        return losses
+
+
+def next_token_labels(text: PackedText) -> torch.Tensor:
+    """(tokens,): token i's label is token i + 1 of its segment; each segment's last token has none (-100)."""
+    labels = torch.roll(text.input_ids, -1)
+    if labels.numel():
+        labels[text.cu_seqlens[1:].long()[text.lengths > 0] - 1] = IGNORE_INDEX
+    return labels
