@@ -22,6 +22,15 @@ def model():
     return tiny_cosa()
 
 
+@pytest.fixture(scope="module")
+def hf(model):
+    """transformers' BERT decoder (BertLMHeadModel) with the model's text weights."""
+    hf_mlm = model.to_hf()["text"]
+    hf = transformers.BertLMHeadModel(hf_mlm.config).eval()
+    hf.load_state_dict(hf_mlm.state_dict())
+    return hf
+
+
 def smoothed_ce(logits, targets, eps):
     """-sum_j q_j log p_j with q = (1 - eps) one-hot + eps / classes, averaged over rows."""
     logp = torch.log_softmax(logits.double(), 1)
@@ -127,10 +136,7 @@ def test_masked_caption_loss_formula(model):
     assert abs(float(ours) - float(ref)) < 1e-5
 
 
-def test_next_token_caption_loss_equals_bert_lm_head_model(model):
-    hf_mlm = model.to_hf()["text"]
-    hf = transformers.BertLMHeadModel(hf_mlm.config).eval()
-    hf.load_state_dict(hf_mlm.state_dict())
+def test_next_token_caption_loss_equals_bert_lm_head_model(model, hf):
     ids, mask = captions([6, 9, 4], seed=5)
     feats = model.encode_vision(pixels(3, 2))
     with torch.no_grad():
@@ -220,3 +226,31 @@ def test_forward_is_reproducible_with_a_generator(model):
         a = model(pixels(4), ids, mask, generator=torch.Generator().manual_seed(5))
         b = model(pixels(4), ids, mask, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_greedy_next_token_captions_equal_bert_lm_head_model(model, hf):
+    feats = model.encode_vision(pixels(2, 2, seed=3)).detach()
+    ours = model.generate_captions(features=feats, max_new_tokens=6, mode="next_token")
+    with torch.no_grad():
+        vision, _ = model.vision_tokens(feats)
+        vision = vision.view(2, -1, vision.shape[-1])
+        seq = torch.full((2, 1), 1)
+        for _ in range(6):  # plain greedy loop over transformers' decoder (no cache)
+            logits = hf(input_ids=seq, encoder_hidden_states=vision, use_cache=False).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert ours.shape[1] <= 7
+    for r in range(2):  # equal up to and including the first [SEP]; [PAD] after it
+        row, ref = ours[r].tolist(), seq[r].tolist()
+        end = ref.index(2) + 1 if 2 in ref[1:] else len(ref)
+        assert row[:end] == ref[: len(row[:end])]
+        assert all(t == 0 for t in row[end:])
+
+
+def test_greedy_masked_captions_predict_the_appended_mask(model):
+    feats = model.encode_vision(pixels(1, 1, seed=4)).detach()
+    ours = model.generate_captions(features=feats, max_new_tokens=2, mode="masked")
+    with torch.no_grad():
+        text = PackedText(torch.tensor([1, MASK]), torch.tensor([0, 2], dtype=torch.int32), 2)
+        h = model.joint(text, feats, "causal")[-1:]
+        first = F.linear(model.mlm_head(h), model.word_embeddings, model.mlm_head.bias).argmax(-1)
+    assert ours[0, 0] == 1 and ours[0, 1] == first

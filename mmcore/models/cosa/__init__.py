@@ -3,6 +3,7 @@
 from mmcore.models.cosa.concat import ConcatBatch, PackedText, concatenate, pack_padded, sample_partners
 from mmcore.models.cosa.config import COSAConfig, COSATextConfig
 from mmcore.models.cosa.modeling import COSAModel
+from mmcore.models.cosa.retrieval import evaluate_retrieval, rank_metrics
 from mmcore.models.layers.vit import ViTConfig
 
 __all__ = [
@@ -13,6 +14,8 @@ __all__ = [
     "PackedText",
     "ViTConfig",
     "concatenate",
+    "evaluate_retrieval",
     "pack_padded",
+    "rank_metrics",
     "sample_partners",
 ]

@@ -408,6 +408,30 @@ class COSAModel(nn.Module):
         losses["loss"] = sum(losses.values())
         return losses
 
+    @torch.no_grad()
+    def generate_captions(self, pixel_values=None, *, features=None, max_new_tokens: int = 40, mode=None):
+        """Greedy captions: (batch, 1 + steps) ids starting with [CLS]; a row stops after [SEP] and is padded with
+        [PAD]. mode "masked" (the official decoding) appends a [MASK] and predicts it at each step; "next_token"
+        predicts from the last token. Every step re-runs the causal pass over the prefix (no KV cache)."""
+        if features is None:
+            features = self.encode_vision(pixel_values)
+        t, mode = self.config.text, mode or self.config.caption_mode
+        b = features.shape[0]
+        seq = torch.full((b, 1), t.cls_token_id, dtype=torch.long, device=features.device)
+        done = torch.zeros(b, dtype=torch.bool, device=features.device)
+        for _ in range(max_new_tokens):
+            ids = F.pad(seq, (0, 1), value=t.mask_token_id) if mode == "masked" else seq
+            n = ids.shape[1]
+            text = PackedText(ids.reshape(-1), Segments.uniform(b, n, device=ids.device).cu_seqlens, n)
+            last = self.joint(text, features, "causal").view(b, n, -1)[:, -1]
+            logits = F.linear(self.mlm_head(last), self.word_embeddings, self.mlm_head.bias)
+            token = logits.argmax(-1).masked_fill(done, t.pad_token_id)
+            seq = torch.cat([seq, token[:, None]], 1)
+            done |= token == t.sep_token_id
+            if bool(done.all()):
+                break
+        return seq
+
 
 def next_token_labels(text: PackedText) -> torch.Tensor:
     """(tokens,): token i's label is token i + 1 of its segment; each segment's last token has none (-100)."""
