@@ -8,6 +8,7 @@
 #include <string_view>
 #include <vector>
 
+#include "data/packing.h"
 #include "grounding/entities.h"
 
 namespace py = pybind11;
@@ -169,12 +170,37 @@ py::list extract_entities_batch(const py::sequence& texts, int64_t num_bins) {
   return out;
 }
 
+// Bins as a list of lists of Python ints, built with the CPython API (a million samples make a million ints).
+py::list first_fit_decreasing(const at::Tensor& lengths, int64_t budget) {
+  TORCH_CHECK_VALUE(lengths.dim() == 1, "lengths must be 1-D, got shape ", lengths.sizes());
+  TORCH_CHECK_TYPE(lengths.scalar_type() == at::kLong, "lengths must be int64, got ", lengths.scalar_type());
+  TORCH_CHECK_VALUE(lengths.device().is_cpu(), "lengths must be a CPU tensor, got ", lengths.device());
+  const at::Tensor contiguous = lengths.contiguous();
+  mmcore::data::Bins bins;
+  {
+    py::gil_scoped_release release;
+    bins = mmcore::data::first_fit_decreasing(contiguous.const_data_ptr<int64_t>(), contiguous.numel(), budget);
+  }
+  py::list out(bins.num_bins());
+  for (int64_t b = 0; b < bins.num_bins(); ++b) {
+    const int64_t begin = bins.offsets[b], size = bins.offsets[b + 1] - begin;
+    py::object bin = py::reinterpret_steal<py::object>(checked(PyList_New(static_cast<Py_ssize_t>(size))));
+    for (int64_t k = 0; k < size; ++k) {
+      PyList_SET_ITEM(bin.ptr(), static_cast<Py_ssize_t>(k), checked(PyLong_FromLongLong(bins.indices[begin + k])));
+    }
+    PyList_SET_ITEM(out.ptr(), static_cast<Py_ssize_t>(b), bin.release().ptr());  // steals the reference
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmcore compiled extension: CPU (and, when built, CUDA) kernels and C++ helpers";
   m.def("extract_entities_batch", &extract_entities_batch, py::arg("texts"), py::arg("num_bins") = 32,
         "Parse Kosmos-2 grounded strings; see mmcore.grounding.extract_entities_batch.");
+  m.def("first_fit_decreasing", &first_fit_decreasing, py::arg("lengths"), py::arg("budget"),
+        "First-fit-decreasing bin packing of int64 lengths; see mmcore.data.packing.first_fit_decreasing.");
 #ifdef MMCORE_WITH_CUDA
   m.attr("cuda_built") = true;
 #else
