@@ -142,13 +142,14 @@ def sample_partners(batch: int, global_batch: int, k: int, *, offset: int = 0, g
     """(batch, k) int64 indices into the global batch: column 0 is the sample itself (``offset + row``), columns
     1..k-1 its partners, distinct within a row and drawn uniformly from the whole global batch (which may include
     the sample itself, as in the original). A global batch smaller than k - 1 repeats partners."""
-    own = torch.arange(batch) + offset
+    device = generator.device if generator is not None else None  # one generator serves masks and partners
+    own = torch.arange(batch, device=device) + offset
     if k == 1:
         return own[:, None]
     if global_batch >= k - 1:
-        partners = torch.rand(batch, global_batch, generator=generator).argsort(1)[:, : k - 1]
+        partners = torch.rand(batch, global_batch, generator=generator, device=device).argsort(1)[:, : k - 1]
     else:
-        partners = torch.randint(global_batch, (batch, k - 1), generator=generator)
+        partners = torch.randint(global_batch, (batch, k - 1), generator=generator, device=device)
     return torch.cat([own[:, None], partners], 1)
 
 
