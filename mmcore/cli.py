@@ -2,6 +2,7 @@
 
 mmcore info      version, torch/Triton/CUDA, whether mmcore._C loaded, and each op's backends
 mmcore ground    grounded captions (markdown links + annotated images) from a Kosmos-2 checkpoint
+mmcore eval      REC accuracy, Flickr30k Entities ANY-BOX recall (Kosmos-2), retrieval R@k; a JSON report
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def _ground(args) -> int:
         return 2
 
 
+def _eval(args) -> int:
+    from mmcore.eval.cli import run_cli
+
+    try:
+        return run_cli(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmcore eval {args.eval_task}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmcore", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     ground.add_argument("--seed", type=int, default=None)
     ground.set_defaults(func=_ground)
+    evaluate = sub.add_parser("eval", help="evaluate: rec, flickr (Kosmos-2 grounding), retrieval (scores)")
+    tasks = evaluate.add_subparsers(dest="eval_task", required=True)
+    for name, text in (
+        ("rec", "RefCOCO/RefCOCO+/RefCOCOg (MDETR JSON): accuracy at IoU >= 0.5 of the first generated box"),
+        ("flickr", "Flickr30k Entities (MDETR JSON): ANY-BOX R@1/5/10 of the generated boxes"),
+    ):
+        task = tasks.add_parser(name, help=text, description=text)
+        task.add_argument("--checkpoint", required=True, help="local Hugging Face Kosmos-2 folder or hub id")
+        task.add_argument("--annotations", required=True, help="MDETR preprocessed annotation JSON")
+        task.add_argument("--images", required=True, help="folder of the images named by file_name")
+        task.add_argument("--batch-size", type=int, default=16)
+        task.add_argument("--max-new-tokens", type=int, default=32 if name == "rec" else 64)
+        task.add_argument("--device", default="cpu")
+        task.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        task.add_argument("--constrain-boxes", action="store_true", help="box grammar (off: the original protocol)")
+        task.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the checkpoint's (3)")
+        task.add_argument("--limit", type=int, default=None, help="evaluate the first N entries only")
+        task.add_argument("--predictions", help="also write per-query predictions to this JSONL file")
+    task = tasks.add_parser("retrieval", help="R@1/5/10, median/mean rank of a (texts, videos) score matrix")
+    task.add_argument("--scores", help=".npy/.pt (texts, videos) scores, higher first")
+    task.add_argument("--text-features", help=".npy/.pt (texts, dim) features (cosine with --video-features)")
+    task.add_argument("--video-features", help=".npy/.pt (videos, dim) features")
+    task.add_argument("--video-of-text", help="JSON list: the video column of each text row (default: i -> i)")
+    task.add_argument("--batch-size", type=int, default=1024, help="text rows per similarity batch")
+    for task in tasks.choices.values():
+        task.add_argument("--out", help="JSON report (default: ./mmcore_eval_<task>.json)")
+        task.add_argument("--quiet", action="store_true", help="no progress bar")
+        task.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     return args.func(args)
 
