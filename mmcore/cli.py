@@ -2,6 +2,7 @@
 
 mmcore info      version, torch/Triton/CUDA, whether mmcore._C loaded, and each op's backends
 mmcore ground    grounded captions (markdown links + annotated images) from a Kosmos-2 checkpoint
+mmcore grit      captions + images -> GrIT-format JSONL (spaCy noun chunks, referring expressions, OWLv2 boxes)
 mmcore eval      REC accuracy, Flickr30k Entities ANY-BOX recall (Kosmos-2), retrieval R@k; a JSON report
 """
 
@@ -76,6 +77,16 @@ def _eval(args) -> int:
         return 2
 
 
+def _grit(args) -> int:
+    from mmcore.data.grit import run_cli
+
+    try:
+        return run_cli(args)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"mmcore grit: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmcore", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +111,23 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     ground.add_argument("--seed", type=int, default=None)
     ground.set_defaults(func=_ground)
+    grit = sub.add_parser(
+        "grit",
+        help="captions + images -> GrIT-format JSONL (noun chunks, referring expressions, detector boxes)",
+        description="Each JSONL row {image, caption[, key, url]}: spaCy noun chunks and referring expressions, boxes "
+        "from a local OWLv2 checkpoint, cross-chunk NMS and the score threshold; rows without a box are dropped.",
+    )
+    grit.add_argument("--captions", required=True, help="JSONL with one {image, caption} object per line")
+    grit.add_argument("--images", help="folder the image paths are relative to (default: as written)")
+    grit.add_argument("--detector", required=True, help="local OWLv2 folder (Owlv2ForObjectDetection + tokenizer)")
+    grit.add_argument("--spacy-model", default="en_core_web_sm", help="spaCy pipeline with a parser (name or folder)")
+    grit.add_argument("--out", default="grit.jsonl")
+    grit.add_argument("--batch-size", type=int, default=64, help="captions parsed per spaCy batch")
+    grit.add_argument("--score-threshold", type=float, default=0.65, help="keep boxes scoring above this")
+    grit.add_argument("--nms-iou", type=float, default=0.5, help="cross-chunk NMS overlap threshold")
+    grit.add_argument("--device", default="cpu")
+    grit.add_argument("--quiet", action="store_true", help="no progress bar")
+    grit.set_defaults(func=_grit)
     evaluate = sub.add_parser("eval", help="evaluate: rec, flickr (Kosmos-2 grounding), retrieval (scores)")
     tasks = evaluate.add_subparsers(dest="eval_task", required=True)
     for name, text in (
