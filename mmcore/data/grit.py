@@ -238,20 +238,30 @@ def ground_doc(
     score_threshold: float = SCORE_THRESHOLD,
     iou_threshold: float = NMS_IOU,
     abstract_nouns: Iterable[str] | None = None,
+    problems: Problems | None = None,
 ) -> tuple[list, list]:
     """(noun_chunks, ref_exps) of one caption in GrIT's layout: ``[start, end, x0, y0, x1, y1, score]`` rows,
-    character offsets into ``doc.text``, boxes normalised. Both are empty when no chunk keeps a box."""
+    character offsets into ``doc.text``, boxes normalised. Both are empty when no chunk keeps a box. Proposed boxes
+    that are not finite, leave [0, 1] or have no area are dropped and counted in ``problems``
+    (``box_out_of_range``)."""
     chunks = noun_chunks(doc, abstract_nouns)
     if not chunks:
         return [], []
     proposals = grounder(image, [c.text for c in chunks])
     if len(proposals) != len(chunks):
         raise ValueError(f"the grounder returned {len(proposals)} results for {len(chunks)} phrases")
-    selected = select_boxes(
-        [(torch.as_tensor(b), torch.as_tensor(s)) for b, s in proposals],
-        score_threshold=score_threshold,
-        iou_threshold=iou_threshold,
-    )
+    checked = []
+    for chunk, (boxes, scores) in zip(chunks, proposals, strict=True):
+        boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        scores = torch.as_tensor(scores, dtype=torch.float64).reshape(-1)
+        if len(boxes) != len(scores):
+            raise ValueError(f"the grounder returned {len(boxes)} boxes and {len(scores)} scores for {chunk.text!r}")
+        ok = torch.isfinite(boxes).all(1) & torch.isfinite(scores) & ((boxes >= 0) & (boxes <= 1)).all(1)
+        ok &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if problems is not None and not bool(ok.all()):
+            problems.note("box_out_of_range", f"{chunk.text!r}: {boxes[~ok][0].tolist()}", count=int((~ok).sum()))
+        checked.append((boxes[ok], scores[ok]))
+    selected = select_boxes(checked, score_threshold=score_threshold, iou_threshold=iou_threshold)
     grounded = [(c, bs) for c, bs in zip(chunks, selected, strict=True) if len(bs[1])]
     if not grounded:
         return [], []
@@ -327,7 +337,7 @@ def build_grit(
             except (OSError, ValueError) as e:
                 problems.note("missing_image", f"{path}: {e}")
                 continue
-            chunks, exps = ground_doc(doc, image, grounder, **options)
+            chunks, exps = ground_doc(doc, image, grounder, problems=problems, **options)
             if not chunks:
                 problems.note("no_box", row["key"])
                 continue
@@ -363,8 +373,9 @@ def run_cli(args) -> int:
     written = 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")  # renamed to ``out`` when the run completes
     try:
-        with open(out, "w", encoding="utf-8") as f:
+        with open(partial, "w", encoding="utf-8") as f:
             rows = build_grit(
                 read_captions(captions, problems),
                 nlp,
@@ -379,6 +390,7 @@ def run_cli(args) -> int:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
                 written += 1
+        partial.replace(out)
     finally:
         if bar is not None:
             bar.close()

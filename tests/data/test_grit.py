@@ -188,6 +188,21 @@ def test_ground_doc_with_a_fake_grounder():
     assert grit.ground_doc(doc, None, FakeGrounder({})) == ([], [])
 
 
+def test_ground_doc_drops_bad_boxes():
+    doc = _doc("a dog in a field of flowers")
+    fake = FakeGrounder({
+        "a dog": (torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 1.5, 0.4], [float("nan"), 0, 1, 1]]),
+                  torch.tensor([0.9, 0.99, 0.99])),
+        "flowers": (torch.tensor([[0.5, 0.5, 0.5, 0.7]]), torch.tensor([0.9])),  # no area
+    })  # fmt: skip
+    problems = Problems()
+    chunks, _ = grit.ground_doc(doc, None, fake, problems=problems)
+    assert chunks == [[0, 5, 0.1, 0.2, 0.3, 0.4, 0.9]]
+    assert problems["box_out_of_range"] == 3
+    with pytest.raises(ValueError, match="2 boxes and 1 scores"):
+        grit.ground_doc(doc, None, FakeGrounder({"a dog": (torch.zeros(2, 4), torch.zeros(1))}))
+
+
 # ------------------------------------------------------------------------------------------ OWLv2
 
 
@@ -279,6 +294,7 @@ def test_mmcore_grit_end_to_end(owl, tmp_path, capsys):
     assert {tuple(e[:2]) for e in first["ref_exps"]} <= {(0, 27), (9, 27), (20, 27)}
     err = capsys.readouterr().err
     assert "wrote 2 rows" in err and "1 missing_image" in err and "2 malformed_row" in err
+    assert not (tmp_path / "grit.jsonl.partial").exists()
 
 
 def test_mmcore_grit_errors(owl, tmp_path, capsys):
