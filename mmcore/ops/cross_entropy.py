@@ -118,6 +118,10 @@ torch.library.register_fake("mmcore::fused_linear_cross_entropy_fwd")(_fwd_fake)
 torch.library.register_fake("mmcore::fused_linear_cross_entropy_bwd")(_bwd_fake)
 _setup, _backward = _autograd_for(lambda *a: _library.op("fused_linear_cross_entropy_bwd")(*a))
 torch.library.register_autograd("mmcore::fused_linear_cross_entropy_fwd", _backward, setup_context=_setup)
+# NOTE: the C++ kernel calls ATen matrix products; under CPU autocast they would run in bfloat16 and clash with
+# the kernel's float32 buffers. The op runs in float32 there (autocast off inside), as it accumulates anyway.
+for _name in ("fused_linear_cross_entropy_fwd", "fused_linear_cross_entropy_bwd"):
+    torch.library.register_autocast(f"mmcore::{_name}", "cpu", torch.float32)
 
 
 _kernels = _library.triton_kernels("cross_entropy")

@@ -196,3 +196,22 @@ def test_opcheck_and_compile():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(x, labels), head.weight)[0]
     assert torch.allclose(got, eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_autocast_runs_in_float32(reduction):
+    """Under CPU autocast (bfloat16) the op computes in float32: same loss and gradients as without autocast."""
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (12,))
+    results = []
+    for autocast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_linear_cross_entropy(hidden, weight, labels, reduction=reduction)
+        loss.sum().backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    assert results[0][0].dtype == torch.float32
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
