@@ -377,7 +377,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         img_mask = None
         if image_embeds_position_mask is not None:
             img_mask = _check_like(image_embeds_position_mask, input_ids, "image_embeds_position_mask").bool()
-        if cu_seqlens.device.type == "cpu":
+        if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
             c = cu_seqlens.tolist()
             if c[0] != 0 or c[-1] != input_ids.numel() or any(b < a for a, b in zip(c, c[1:], strict=False)):
                 raise ValueError(f"cu_seqlens must rise from 0 to the token count {input_ids.numel()}")
@@ -427,9 +427,10 @@ def shift_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor, ignore_index: 
     segment; each segment's last token predicts nothing."""
     targets = torch.roll(labels, -1)
     if labels.numel():
-        last = cu_seqlens[1:].long() - 1
-        last = last[cu_seqlens[1:] > cu_seqlens[:-1]]
-        targets[last] = ignore_index
+        # An empty segment's "last token" cu_seqlens[s + 1] - 1 is the last token of the segment before it (or, for
+        # leading empty segments, index -1: the stream's last token), already a last token, so no mask is needed
+        # (a boolean mask would give a data-dependent shape that torch.compile cannot trace).
+        targets[cu_seqlens[1:].long() - 1] = ignore_index
     return targets
 
 
