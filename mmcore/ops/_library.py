@@ -24,6 +24,9 @@ SCHEMAS: dict[str, str] = {
         "int no_repeat_ngram_size, int min_new_tokens, bool do_sample, float temperature, int top_k, float top_p, "
         "int seed, bool constrain_boxes) -> Tensor"
     ),
+    # decoding-step logits (mmcore/ops/logits.py): hidden (B, D) @ weight[row_start:row_end].T (+ bias[rows]) ->
+    # (B, row_end - row_start), float32 (float64 for float64 inputs). Inference only.
+    "decode_logits": "(Tensor hidden, Tensor weight, Tensor? bias, int row_start, int row_end) -> Tensor",
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).

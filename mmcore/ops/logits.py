@@ -1,0 +1,141 @@
+"""Decoding-step logits: ``hidden @ weight[rows].T (+ bias[rows])`` for the few rows being generated.
+
+During generation each step multiplies a small batch of hidden states ``(B, D)`` by the tied output head
+``(V, D)`` (Kosmos-2: V = 65,037, D = 2048, 533 MB of float32). At B = 1 ... 64 that product is bound by
+reading the weight, and ATen's GEMV/GEMM reads it at a fraction of the memory bandwidth on a CPU; the C++
+kernel (csrc/decoding/logits.cpp) streams each weight row once and dots it with all B hidden states. ``rows``
+restricts the product to a contiguous range of vocabulary ids -- the 1,024 location tokens, when the box
+grammar allows nothing else -- and returns only those columns.
+
+Inference only: the C++ kernel has no gradient (backpropagating through it raises), and default dispatch
+leaves calls that need gradients to the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmcore.ops import _library
+from mmcore.ops._dispatch import Backend, Op, extension_kernel
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def decode_logits_ref(hidden, weight, bias=None, *, rows=None, upcast=True):
+    """Reference: ``F.linear`` on the selected rows. upcast: in float64 (True) or in the op's output dtype --
+    float32, float64 for float64 inputs -- (False, the tolerance rule's baseline and the ``torch`` backend).
+
+    NOTE: half-precision weights are upcast here, one copy of the selected rows per call."""
+    start, end = (0, weight.shape[0]) if rows is None else rows
+    dtype = torch.float64 if upcast or hidden.dtype == torch.float64 else torch.float32
+    b = None if bias is None else bias[start:end].to(dtype)
+    return F.linear(hidden.to(dtype), weight[start:end].to(dtype), b)
+
+
+# ------------------------------------------------------------------------------------ custom-op plumbing
+
+
+@torch.library.register_fake("mmcore::decode_logits")
+def _fake(hidden, weight, bias, row_start, row_end):
+    return hidden.new_empty((hidden.shape[0], row_end - row_start))
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, grad):
+    raise RuntimeError(
+        "mmcore::decode_logits is inference-only and has no backward; compute logits that need gradients with "
+        "F.linear (or train with mmcore.ops.fused_linear_cross_entropy)"
+    )
+
+
+torch.library.register_autograd("mmcore::decode_logits", _backward, setup_context=_setup_context)
+
+
+def _run_cpp(hidden, weight, bias, start, end):
+    return _library.op("decode_logits")(hidden, weight, bias, start, end)
+
+
+def _run_torch(hidden, weight, bias, start, end):
+    return decode_logits_ref(hidden, weight, bias, rows=(start, end), upcast=False)
+
+
+def _cpp_supports(hidden, weight, bias, start, end):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return "an input requires grad (the C++ kernel is inference-only: call it under torch.no_grad())"
+    return None
+
+
+DECODE_LOGITS = Op(
+    "decode_logits",
+    [
+        Backend(
+            "cpp",
+            _run_cpp,
+            ("cpu",),
+            (torch.float32, torch.float64),
+            check=_cpp_supports,
+            needs=extension_kernel("decode_logits"),
+        ),
+        Backend("torch", _run_torch, ("cpu", "cuda"), _DTYPES),
+    ],
+)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _check(hidden, weight, bias, rows) -> tuple[int, int]:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(
+                f"{name} must be a 2-D tensor, got "
+                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+            )
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden (B, D) and weight (V, D) must share D, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (vocab,):
+            got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({vocab},), got {got}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
+    devices = {t.device for t in (hidden, weight) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"hidden, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    if rows is None:
+        return 0, vocab
+    ok = isinstance(rows, (tuple, list)) and len(rows) == 2
+    ok = ok and all(isinstance(r, int) and not isinstance(r, bool) for r in rows)
+    if not (ok and 0 <= rows[0] <= rows[1] <= vocab):
+        raise ValueError(f"rows must be None or (start, end) ints with 0 <= start <= end <= {vocab}, got {rows!r}")
+    return int(rows[0]), int(rows[1])
+
+
+def decode_logits(hidden, weight, bias=None, *, rows=None, backend=None):
+    """Logits of one decoding step: ``hidden @ weight[start:end].T + bias[start:end]``.
+
+    hidden: (B, D); weight: (V, D), the output head (its rows need unit stride along D to be read in place by
+    the C++ kernel; otherwise the selected rows are copied per call); bias: (V,) or None; rows: None for the whole
+    vocabulary, or ``(start, end)`` for vocabulary ids ``start <= v < end`` (e.g. the location tokens,
+    ``(tokens.first_loc, tokens.loc_end)``). hidden, weight and bias share a dtype and a device.
+
+    Returns (B, end - start): float32, float64 for float64 inputs (float16 and bfloat16 inputs are computed
+    in float32 by the ``torch`` backend). Backends: ``"cpp"`` (CPU, float32/float64, no gradients) and
+    ``"torch"`` (``F.linear`` in the output dtype, CPU or GPU). For inference: the ``cpp`` kernel is
+    not differentiable, so a call with grad mode on and an input that requires grad goes to ``"torch"``
+    (forcing ``"cpp"`` then raises); the summation order differs from BLAS's, by a few float32 ulps of the
+    dot products' magnitudes.
+    """
+    start, end = _check(hidden, weight, bias, rows)
+    return DECODE_LOGITS(hidden.device.type, hidden.dtype, hidden, weight, bias, start, end, backend=backend)
