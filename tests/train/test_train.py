@@ -130,8 +130,9 @@ def test_cosa_ddp_equals_one_process_on_the_global_batch(distributed_runs):
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="mmcore.models.cosa.concat.gather_batch detaches the other ranks' rows, so under DDP the gradient of a "
-    "rank's features misses the ITC terms computed on the other ranks: the updates differ from one process's",
+    reason="as the original COSA (ddp_allgather without gradient, shared/research/cosa.md section 2.3), "
+    "mmcore.models.cosa.concat.gather_batch detaches the other ranks' rows: under DDP a rank's features miss the "
+    "gradient of the ITC terms computed on the other ranks, so the updates differ from one process's",
 )
 def test_cosa_ddp_trajectory_equals_one_process(distributed_runs):
     results, _ = distributed_runs
@@ -188,6 +189,33 @@ def test_a_failing_rank_ends_the_job_with_an_error(tmp_path):
     assert "MMCORE_TRAIN_FAIL=1:2: rank 1 fails at step 2" in proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines and lines[0]["step"] == 1 and all(r["step"] < 3 for r in lines)
+
+
+def test_grit_data_trains_and_resumes_exactly(tmp_path):
+    """--data grit:PATH: 5 samples, 2 per step, so step 3 crosses into the second epoch; resuming from step 2
+    restores the stream's position (and its grounded/plain draws)."""
+    pil = pytest.importorskip("PIL.Image")
+    pytest.importorskip("transformers")
+    from mmcore.models.kosmos2 import Kosmos2Processor
+    from mmcore.testing import make_kosmos2_tokenizer
+
+    processor = Kosmos2Processor(make_kosmos2_tokenizer(), image_size=32, num_image_tokens=8, num_patch_index_tokens=64)
+    processor.save_pretrained(tmp_path / "processor")
+    shards = tmp_path / "grit"
+    shards.mkdir()
+    rows = []
+    for r in range(5):
+        pil.new("RGB", (48 + 4 * r, 40), (40 * r, 90, 200 - 30 * r)).save(shards / f"{r}.png")
+        box = [0, 5, 0.1 * r, 0.2, 0.5 + 0.1 * r, 0.9, 0.9]
+        rows.append(json.dumps({"key": str(r), "caption": "a dog in a field", "ref_exps": [box], "image": f"{r}.png"}))
+    (shards / "shard0.jsonl").write_text("\n".join(rows) + "\n")
+    argv = K2 + ["--data", f"grit:{shards}", "--processor", str(tmp_path / "processor"), "--batch-size", "2"]
+    argv += ["--steps", "4"]
+    full = _one_process(argv + ["--checkpoint-every", "2", "--out", str(tmp_path / "ckpt")])
+    state = json.loads((tmp_path / "ckpt" / "step_00000002" / "state.json").read_text())
+    assert state["config"]["text"]["vocab_size"] == len(processor.tokenizer) and state["config"]["num_bins"] == 8
+    resumed = _one_process(argv + ["--resume", str(tmp_path / "ckpt" / "step_00000002")])
+    assert _losses(resumed) == _losses(full)[2:] and all(torch.isfinite(torch.tensor(_losses(full))))
 
 
 # ------------------------------------------------------------------------------------------ compile
@@ -257,6 +285,29 @@ def test_train_compiled_blocks_match_eager(model):
     eager = _one_process(argv)
     compiled = _one_process(argv + ["--compile", "--compile-backend", "aot_eager"])
     _close(_losses(compiled), _losses(eager), 1e-5, "compiled blocks vs eager")
+
+
+def test_compiled_blocks_do_not_recompile_for_new_lengths():
+    """Packed token counts and max_seqlen change every step: after the first step's graphs (one per block call
+    variant), later steps reuse them (packed_attention's max_seqlen is a SymInt)."""
+    torch._dynamo.reset()
+    model, config = _tiny("cosa")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    train.compile_blocks(model, backend)
+    data = train.SyntheticCOSA(config, seed=0)
+    counts = []
+    for step in range(3):
+        batch = data.batch(step, 0, range(3))
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], concat=2,
+                    generator=torch.Generator().manual_seed(step))  # fmt: skip
+        out["loss"].backward()
+        counts.append(len(graphs))
+    assert counts[0] > 0 and counts[1] == counts[0] == counts[2], counts
 
 
 def test_packed_attention_schedule_opcheck():
