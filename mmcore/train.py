@@ -47,6 +47,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import glob
 import hashlib
 import json
 import math
@@ -300,7 +301,7 @@ class GritStream:
         if root.is_dir():
             shards = sorted(p for p in root.iterdir() if p.suffix in (".jsonl", ".json", ".parquet"))
         else:
-            shards = sorted(Path(p) for p in _glob(spec))
+            shards = sorted(Path(p) for p in glob.glob(spec))
         if not shards:
             raise FileNotFoundError(f"--data grit:{spec}: no .jsonl/.json/.parquet shards there")
         self.dataset = GritDataset(shards, processor, seed=seed, rank=rank, world_size=world_size)
@@ -340,12 +341,6 @@ class GritStream:
         self.epoch, self.consumed, self._iter = int(state["epoch"]), 0, None
         for _ in range(int(state["consumed"])):
             self._next()
-
-
-def _glob(pattern: str):
-    import glob
-
-    return glob.glob(pattern)
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -590,6 +585,19 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
+def _like(full: dict, template: dict) -> dict:
+    """Full tensors laid out as the template's: each DTensor entry becomes this rank's shard of the full tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    missing = sorted(set(template) - set(full))
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} entries, e.g. {missing[:3]}")
+    return {
+        k: distribute_tensor(full[k], t.device_mesh, t.placements) if isinstance(t, DTensor) else full[k]
+        for k, t in template.items()
+    }
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, args, env: Env) -> tuple[int, dict | None]:
     """Restore model, optimizer, this rank's RNG and data position; returns (step, data state)."""
     from safetensors import safe_open
@@ -615,12 +623,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, args, env: Env) -> tuple[int, 
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / "dcp")))
         model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         optim_tensors = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
-        full = False
-    else:
-        model_state = load_file(ckpt / "model.safetensors", device=str(env.device))
-        optim_tensors = load_file(ckpt / "optimizer.safetensors", device=str(env.device))
-        full = args.fsdp  # full tensors into a sharded model: every rank keeps its shard
-    options = _state_dict_options(full_state_dict=full)
+    else:  # full tensors; into a sharded model, every rank keeps its shard of each
+        model_state = _like(load_file(ckpt / "model.safetensors", device=str(env.device)), model_state)
+        optim_tensors = _like(load_file(ckpt / "optimizer.safetensors", device=str(env.device)), optim_tensors)
+    options = _state_dict_options()
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, {**optim_tensors, **state["optimizer_param_groups"]}, options=options)
     data_state = None
@@ -737,8 +743,10 @@ def train(args, env: Env) -> list[dict]:
                     loss = call(batch)
                     # the global batch's mean: this micro-step's token sum over all ranks' target count (x world,
                     # since DDP and FSDP average the ranks' gradients)
-                    scaled = loss * (counts[m] * env.world / total)
-                    part = {"loss": loss.detach().float() * counts[m] / total * env.world}
+                    if not counts[m]:  # no target here: the mean is NaN, its gradient zero
+                        loss = loss.nan_to_num(0.0)
+                    scaled = loss * (counts[m] * env.world / max(total, 1))
+                    part = {"loss": scaled.detach().float()}
                 else:
                     g = torch.Generator(env.device).manual_seed(sample_seed(args.seed, step, m, "rank", env.rank))
                     out_m = call(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],

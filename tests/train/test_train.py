@@ -44,6 +44,7 @@ def scenarios(out: Path) -> dict[str, list[str]]:
         "cosa_ddp_resumed": COSA + b + steps + resume("cosa_ddp"),
         "cosa_fsdp": COSA + b + steps + ["--fsdp"] + ckpt("cosa_fsdp"),
         "cosa_fsdp_resumed": COSA + b + steps + ["--fsdp"] + resume("cosa_fsdp"),
+        "cosa_fsdp_from_ddp": COSA + b + steps + ["--fsdp"] + resume("cosa_ddp"),
     }
 
 
@@ -169,6 +170,14 @@ def test_resume_is_exact(distributed_runs, run):
     else:
         assert {"model.safetensors", "optimizer.safetensors"} <= set(files)
     assert (out / run / "latest").read_text().strip() == "step_00000004"
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_from_a_ddp_checkpoint(distributed_runs):
+    """Full tensors (model.safetensors, optimizer.safetensors) loaded into a sharded model and optimizer."""
+    results, _ = distributed_runs
+    resumed, full = results["cosa_fsdp_from_ddp"], results["cosa_ddp"]
+    _close(_losses(resumed), _losses(full)[2:], 1e-5, "FSDP2 resumed from DDP's step 2 vs DDP")
 
 
 def test_one_process_resume_is_exact(tmp_path):
