@@ -5,8 +5,9 @@
         --grad-accum 4 --activation-checkpointing --checkpoint-every 500 --out runs/cosa
 
 Rank 0 prints one JSON line per logging step: ``step`` (completed optimizer steps), ``loss`` (the global batch's
-loss before that update), ``lr``, ``grad_norm``, ``tokens`` and ``tokens_per_s`` (text tokens of the global batch),
-``step_time_s``, and for COSA the named objectives (``itc_origin``, ...).
+loss before that update), ``lr``, ``grad_norm`` (before clipping), ``tokens`` and ``tokens_per_s`` (the global batch's
+packed tokens, image slots included, for Kosmos-2; its caption tokens for COSA), ``step_time_s``, and for COSA the
+named objectives (``itc_origin``, ...). AdamW (betas 0.9/0.98, eps 1e-6), linear warm-up then cosine decay.
 
 Batches. ``--batch-size`` is per rank and micro-step; a step runs ``--grad-accum`` micro-steps on every rank, so the
 global batch is world x batch-size x grad-accum samples. Synthetic samples are functions of (seed, step, micro-step,
@@ -23,17 +24,20 @@ negatives, ITM hard negatives and concatenation partners come from all ranks' sa
 
 Wrapping. DDP (default with several processes) wraps the model; ``--fsdp`` applies FSDP2 ``fully_shard`` to every
 ViT block and decoder/BERT layer, then to the root (the tied embedding, the heads and the fused cross-entropy stay in
-the root, so the loss runs inside the wrapped forward). ``--activation-checkpointing`` recomputes every block in the
-backward pass; ``--compile`` compiles every block with ``torch.compile(fullgraph=True)``. On a GPU: NCCL, bf16
-autocast; on the CPU: gloo, float32.
+the root, so the loss runs inside the wrapped forward; 0-dim parameters, which fully_shard refuses, stay replicated
+with their gradients averaged by hand). ``--activation-checkpointing`` recomputes every block in the backward pass;
+``--compile`` compiles every block with ``torch.compile(fullgraph=True, dynamic=True)`` (per block, so it composes with
+DDP, FSDP2 and checkpointing; the whole Kosmos-2 ``forward_packed`` also traces as one graph, COSA's forward does not:
+its packing, sampling and gathering are data-dependent). On a GPU: NCCL, bf16 autocast; on the CPU: gloo, float32.
 
 Checkpoints (``--checkpoint-every M --out DIR``): ``DIR/step_00000010/`` with ``state.json`` (step, arguments,
 model config, optimizer hyperparameters), ``rng/rank_<r>.safetensors`` (each rank's CPU/CUDA generator state and its
 data position), and either ``model.safetensors`` + ``optimizer.safetensors`` (full tensors, rank 0; one process or
 DDP) or, under FSDP2, ``dcp/shard-*.safetensors``: every rank's shards of model and optimizer state written by
-``torch.distributed.checkpoint`` (``HuggingFaceStorageWriter``; read back with resharding, so a different world size
-can resume). No pickle anywhere. ``DIR/latest`` names the newest complete checkpoint; ``--resume DIR`` (or a
-checkpoint folder) continues from it: same data, RNG, optimizer state and step, so the losses continue exactly.
+``torch.distributed.checkpoint`` (``HuggingFaceStorageWriter``; read back with resharding). Either kind resumes in
+either mode, and on another world size when world x batch-size x grad-accum is unchanged. No pickle anywhere.
+``DIR/latest`` names the newest complete checkpoint; ``--resume DIR`` (or a checkpoint folder) continues from it:
+same data, RNG, optimizer state and step, so the losses continue exactly.
 
 Failure: any exception on a rank ends that process with a non-zero code; torchrun then stops the other ranks and
 exits non-zero (a rank blocked in a collective is terminated, not left hanging). Collectives time out after
@@ -66,7 +70,7 @@ CHECKPOINT_FORMAT = 1
 
 # ------------------------------------------------------------------------------------------ presets
 
-# Kosmos-2. tiny: for tests (8 x 8 location grid, no dropout); small: a ~250M model on the released vocabulary and
+# Kosmos-2. tiny: for tests (8 x 8 location grid, no dropout); small: a 224M model on the released vocabulary and
 # location grid (ViT-B/16 + a 12-layer 768-wide decoder); base: the released 1.6B configuration.
 _KOSMOS2_PRESETS = {
     "tiny": dict(
@@ -92,7 +96,7 @@ _KOSMOS2_PRESETS = {
 }
 
 # COSA (ids of the tiny vocabulary: [PAD] 0, [CLS] 1, [SEP] 2, [MASK] 3, ordinary tokens from 5). tiny: for tests;
-# small: BERT-medium (8 x 512) + ViT-B/16; base: COSA-L (BERT-base + ViT-L/14).
+# small: BERT-medium (8 x 512) + ViT-B/16, 137M; base: COSA-L (BERT-base + ViT-L/14), 443M.
 _COSA_PRESETS = {
     "tiny": dict(
         text=dict(
