@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from mmcore import ops
 from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
@@ -62,11 +61,12 @@ def _grammar_rows(state: ops.DecodeState, tokens: ops.GroundingTokens) -> tuple[
 
 
 def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
-    """(batch, vocab) float32 logits; with ``rows`` only that range is computed and the rest is -inf."""
+    """(batch, vocab) float32 logits (``ops.decode_logits``: a memory-bound C++ GEMV on the CPU); with ``rows``
+    only that range is computed and the rest is -inf."""
     if rows is None:
-        return F.linear(hidden, weight).float()
+        return ops.decode_logits(hidden, weight).float()
     logits = torch.full((hidden.shape[0], weight.shape[0]), -torch.inf, dtype=torch.float32, device=hidden.device)
-    logits[:, rows[0] : rows[1]] = F.linear(hidden, weight[rows[0] : rows[1]]).float()
+    logits[:, rows[0] : rows[1]] = ops.decode_logits(hidden, weight, rows=rows).float()
     return logits
 
 
