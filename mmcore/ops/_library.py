@@ -30,18 +30,20 @@ SCHEMAS: dict[str, str] = {
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).
-    # NOTE: max_seqlen_q/k are SymInt so that torch.compile(dynamic=True) keeps them symbolic; an `int` argument is
-    # specialised, which recompiles the caller for every new longest segment (C++ kernels still take int64_t).
+    # NOTE: max_seqlen_q/k are SymInt so that torch.compile(dynamic=True) keeps them symbolic (an `int` argument is
+    # specialised, which recompiles the caller for every new longest segment), and the dropout seed is SymInt so a
+    # seed drawn inside a compiled graph (an unbacked value) can be passed without a graph break. C++ kernels still
+    # take int64_t.
     "packed_attention_fwd": (
         "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
-        "SymInt max_seqlen_k, int mode, Tensor? prefix_lens, float softmax_scale, float dropout_p, int seed, "
+        "SymInt max_seqlen_k, int mode, Tensor? prefix_lens, float softmax_scale, float dropout_p, SymInt seed, "
         "int offset) -> (Tensor, Tensor)"
     ),
     # Gradients (dq, dk, dv) in the dtypes of q, k, v.
     "packed_attention_bwd": (
         "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
         "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, int mode, Tensor? prefix_lens, "
-        "float softmax_scale, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)"
+        "float softmax_scale, float dropout_p, SymInt seed, int offset) -> (Tensor, Tensor, Tensor)"
     ),
     # Host-side tile schedule for the Triton kernels (kernels/packed_attention.py): int32 (segments + total //
     # block_size, 2) rows (segment, tile start in the segment), unused rows (-1, -1).

@@ -288,9 +288,11 @@ def test_cosa_encoders_compile_fullgraph():
 
 
 def test_train_compiled_blocks_match_eager():
-    """--compile through the trainer (COSA's compiled blocks: test_compiled_blocks_do_not_recompile_for_new_lengths)."""
+    """--compile through the trainer, with dropout in the attention (its seed is drawn inside the compiled graph) and
+    after it (COSA's compiled blocks: test_compiled_blocks_do_not_recompile_for_new_lengths)."""
     torch._dynamo.reset()
-    argv = K2 + ["--batch-size", "2", "--steps", "2"]
+    dropout = ["--set", "text.attention_dropout=0.1", "--set", "text.dropout=0.1"]
+    argv = K2 + ["--batch-size", "2", "--steps", "2"] + dropout
     eager = _one_process(argv)
     compiled = _one_process(argv + ["--compile", "--compile-backend", "aot_eager"])
     _close(_losses(compiled), _losses(eager), 1e-5, "compiled blocks vs eager")
