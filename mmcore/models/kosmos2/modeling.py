@@ -301,6 +301,12 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         if not labels_given:
             return None, None
         tokens = ops.GroundingTokens.from_config(self.config.text, self.config.num_bins)
+        if not torch.compiler.is_compiling():
+            # Only tokens with a target reach the 65k-way head: in Kosmos-2 training the bos, <image> and 64 image
+            # slots of every sample have none, often half of the tokens. (A boolean index has a data-dependent
+            # shape, which a compiled graph cannot take; compiled, the head computes every row.)
+            keep = targets != -100
+            hidden, targets = hidden[keep], targets[keep]
         loss, stats = ops.fused_linear_cross_entropy(
             hidden, self.lm_head_weight, targets, return_stats=True, loc_range=(tokens.first_loc, tokens.loc_end)
         )
