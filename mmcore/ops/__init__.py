@@ -15,7 +15,7 @@ from mmcore.ops.grounding import (
     loc_indices_to_boxes_ref,
 )
 from mmcore.ops.decoding import DecodeState, GroundingTokens, grounded_decode_step, grounded_decode_step_ref
-from mmcore.ops.logits import decode_logits, decode_logits_ref
+from mmcore.ops.logits import decode_logits, decode_logits_ref, linear
 
 __all__ = [
     "MODES",
@@ -39,5 +39,6 @@ __all__ = [
     "grounded_decode_step_ref",
     "decode_logits",
     "decode_logits_ref",
+    "linear",
     "ops",
 ]

@@ -182,3 +182,21 @@ def test_opcheck_and_compile():
     with torch.no_grad():
         compiled = torch.compile(lambda h: decode_logits(h, weight, bias, rows=(2, 30)), fullgraph=True)
         assert torch.equal(compiled(hidden), decode_logits(hidden, weight, bias, rows=(2, 30)))
+
+
+@pytest.mark.parametrize("shape", [(1, 40), (3, 5, 40), (16, 40), (17, 40)])
+def test_linear_matches_f_linear(shape):
+    """ops.linear: the kernel for few-row inference, F.linear otherwise; same values either way (to float32 ulps)."""
+    import torch.nn.functional as F
+
+    from mmcore.ops import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(24, 40), torch.randn(24)
+    with torch.no_grad():
+        got = linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    w.requires_grad_(True)
+    out = linear(x, w, b)  # differentiable: F.linear, gradients flow
+    out.sum().backward()
+    torch.testing.assert_close(w.grad, x.reshape(-1, 40).sum(0).expand(24, 40))

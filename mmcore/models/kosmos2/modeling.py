@@ -21,6 +21,7 @@ from torch import nn
 
 from mmcore import ops
 from mmcore.models.kosmos2.config import Kosmos2Config, Kosmos2TextConfig
+from mmcore.models.layers.linear import Linear
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
 
 # ------------------------------------------------------------------------------------------ layout
@@ -99,9 +100,9 @@ class DecoderAttention(nn.Module):
         super().__init__()
         d = config.embed_dim
         self.heads, self.head_dim, self.dropout = config.attention_heads, config.head_dim, config.attention_dropout
-        self.qkv = nn.Linear(d, 3 * d)
+        self.qkv = Linear(d, 3 * d)
         self.inner_attn_ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.out_proj = nn.Linear(d, d)
+        self.out_proj = Linear(d, d)
 
     def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0):
         """x: (tokens, D) packed -> (tokens, D)."""
@@ -130,9 +131,9 @@ class DecoderBlock(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=eps)
         self.self_attn = DecoderAttention(config)
         self.final_layer_norm = nn.LayerNorm(d, eps=eps)
-        self.fc1 = nn.Linear(d, config.ffn_dim)
+        self.fc1 = Linear(d, config.ffn_dim)
         self.ffn_layernorm = nn.LayerNorm(config.ffn_dim, eps=eps)
-        self.fc2 = nn.Linear(config.ffn_dim, d)
+        self.fc2 = Linear(config.ffn_dim, d)
         self.act = ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
