@@ -239,6 +239,19 @@ def _stats(rows, argmax, labels, ignore_index, loc_range):
     return {k: v.detach() for k, v in out.items()}
 
 
+def _autocast_inputs(hidden, weight, bias):
+    """Under autocast, inputs of mixed dtypes (bfloat16 activations, float32 weights) meet in one dtype, as they
+    would in ``F.linear``: the autocast dtype on a GPU, float32 on the CPU (where the kernel computes in float32)."""
+    tensors = [t for t in (hidden, weight, bias) if isinstance(t, torch.Tensor)]
+    if len(tensors) < 2 or len({t.dtype for t in tensors}) == 1 or not all(t.is_floating_point() for t in tensors):
+        return hidden, weight, bias
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device) if device != "cpu" else torch.float32
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) else t for t in (hidden, weight, bias))
+
+
 def fused_linear_cross_entropy(
     hidden,
     weight,
@@ -263,6 +276,7 @@ def fused_linear_cross_entropy(
     loss, accuracy (argmax == label) and token count over non-ignored rows, and with
     ``loc_range=(first_loc_id, end)`` the same split into ``loc_*`` (location-token targets) and ``text_*``.
     """
+    hidden, weight, bias = _autocast_inputs(hidden, weight, bias)
     _check(hidden, weight, labels, bias, ignore_index, label_smoothing, reduction, loc_range)
     n, width = hidden.shape
     if chunk_rows is None:

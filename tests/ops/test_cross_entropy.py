@@ -215,3 +215,19 @@ def test_cpu_autocast_runs_in_float32(reduction):
     assert results[0][0].dtype == torch.float32
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_autocast_mixed_dtypes():
+    """bfloat16 activations with float32 weights under autocast meet in float32 (a clear error without autocast)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(6, 16).bfloat16().requires_grad_(True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    labels = torch.randint(0, 30, (6,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(hidden.detach().float() @ weight.detach().t(), labels)
+    torch.testing.assert_close(loss.detach(), ref)
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+    with pytest.raises(TypeError, match="dtype"):
+        fused_linear_cross_entropy(hidden, weight, labels)
