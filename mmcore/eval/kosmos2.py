@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmcore.data.problems import Problems
 from mmcore.eval.boxes import Box
+from mmcore.models.kosmos2.ground import generate_grounded
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,6 @@ def generate_phrase_boxes(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     problems = problems if problems is not None else Problems()
-    processor.tokenizer.padding_side = "left"
-    device = model.lm_head_weight.device
     images = _Images()
     bar = None
     if progress:
@@ -86,18 +85,9 @@ def generate_phrase_boxes(
                 except (OSError, ValueError) as e:
                     problems.note("missing_image", f"{q.image}: {e}")
             if rows:
-                inputs = processor(images=pics, text=[chunk[i].prompt for i in rows], padding=True, return_tensors="pt")
-                ids = model.generate(
-                    inputs["pixel_values"].to(device),
-                    inputs["input_ids"].to(device),
-                    inputs["image_embeds_position_mask"].to(device),
-                    inputs["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens,
-                    **generate_kwargs,
-                )
-                texts = processor.batch_decode(ids.cpu(), skip_special_tokens=True)
-                for i, text in zip(rows, texts, strict=True):
-                    _, entities = processor.post_process_generation(text)
+                prompts = [chunk[i].prompt for i in rows]
+                outputs = generate_grounded(model, processor, pics, prompts, max_new_tokens, **generate_kwargs)
+                for i, (_, entities) in zip(rows, outputs, strict=True):
                     results[i] = phrase_boxes(entities, chunk[i].phrase)
             yield from results
             if bar is not None:

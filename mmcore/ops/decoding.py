@@ -292,6 +292,15 @@ def prefix_allowed_tokens_fn(tokens: GroundingTokens, vocab: int):
 # ------------------------------------------------------------------------------------------ state
 
 
+def check_left_padding(mask: torch.Tensor, hint: str) -> None:
+    """Raise ValueError naming the first row of a (batch, L) 0/1 mask that is not zeros then ones (reads the host)."""
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        r = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0, 0])
+        raise ValueError(f"attention_mask[{r}] is not left padding (zeros then ones); {hint}")
+
+
 @dataclass
 class DecodeState:
     """Per-row decoding state, on the logits' device; the step updates the tensors in place.
@@ -364,14 +373,7 @@ class DecodeState:
                 raise ValueError(f"attention_mask must be on {device} with input_ids, got {attention_mask.device}")
             mask = attention_mask.to(torch.int64)
             if check_values:
-                if not bool(((mask == 0) | (mask == 1)).all()):
-                    raise ValueError("attention_mask must hold only 0 and 1")
-                if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-                    r = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0, 0])
-                    raise ValueError(
-                        f"attention_mask[{r}] is not left padding (zeros then ones); pass prompt_lengths for "
-                        "right-padded prompts"
-                    )
+                check_left_padding(mask, "pass prompt_lengths for right-padded prompts")
             starts, lengths = full - mask.sum(1), full
         elif prompt_lengths is not None:
             pl = torch.as_tensor(prompt_lengths, device=device)

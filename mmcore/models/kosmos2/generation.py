@@ -82,14 +82,7 @@ def _check_prompt(input_ids, attention_mask, image_embeds_position_mask):
         return torch.ones_like(input_ids, dtype=torch.long)
     mask = attention_mask.long()
     if mask.device.type == "cpu":
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("attention_mask must hold only 0 and 1")
-        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-            r = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0, 0])
-            raise ValueError(
-                f"attention_mask[{r}] is not left padding: pad prompts on the left for generation "
-                "(tokenizer.padding_side = 'left')"
-            )
+        decoding.check_left_padding(mask, "pad prompts on the left for generation (tokenizer.padding_side = 'left')")
         if not bool(mask[:, -1].all()):
             r = int((mask[:, -1] == 0).nonzero()[0, 0])
             raise ValueError(f"attention_mask[{r}] is all zeros: every prompt needs at least one token")

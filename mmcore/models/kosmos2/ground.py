@@ -51,6 +51,24 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i : i + size]
 
 
+def generate_grounded(model, processor, images, prompts, max_new_tokens: int, **generate_kwargs) -> list[tuple]:
+    """One batch: PIL images and their prompts -> ``[(clean text, entities)]`` through left-padded batched
+    generation and the processor's post-processing. ``generate_kwargs`` go to ``model.generate``."""
+    processor.tokenizer.padding_side = "left"
+    device = model.lm_head_weight.device
+    inputs = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+    ids = model.generate(
+        inputs["pixel_values"].to(device),
+        inputs["input_ids"].to(device),
+        inputs["image_embeds_position_mask"].to(device),
+        inputs["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        **generate_kwargs,
+    )
+    texts = processor.batch_decode(ids.cpu(), skip_special_tokens=True)
+    return [processor.post_process_generation(text) for text in texts]
+
+
 def ground_images(
     model,
     processor,
@@ -68,8 +86,6 @@ def ground_images(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    processor.tokenizer.padding_side = "left"
-    device = model.lm_head_weight.device
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -86,18 +102,9 @@ def ground_images(
                 except (OSError, ValueError) as e:
                     print(f"skipping {p}: {e}", file=sys.stderr)
             if images:
-                inputs = processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
-                ids = model.generate(
-                    inputs["pixel_values"].to(device),
-                    inputs["input_ids"].to(device),
-                    inputs["image_embeds_position_mask"].to(device),
-                    inputs["attention_mask"].to(device),
-                    max_new_tokens=max_new_tokens,
-                    **generate_kwargs,
-                )
-                texts = processor.batch_decode(ids.cpu(), skip_special_tokens=True)
-                for p, image, text in zip(kept, images, texts, strict=True):
-                    clean, entities = processor.post_process_generation(text)
+                outputs = generate_grounded(model, processor, images, [prompt] * len(images), max_new_tokens,
+                                            **generate_kwargs)  # fmt: skip
+                for p, image, (clean, entities) in zip(kept, images, outputs, strict=True):
                     yield Grounded(str(p), clean, entities, to_markdown(clean, entities)), image
             if bar is not None:
                 bar.update(len(chunk))
