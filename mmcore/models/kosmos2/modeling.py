@@ -332,31 +332,28 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         labels (batch, seq), transformers' convention (the model shifts them; -100 ignored; targets at padded
         positions are ignored). Positions follow transformers: the k-th non-pad token of a row is position k.
 
-        The padding is dropped and the rows packed, so the cost is that of the real tokens. return_logits=False
-        skips the (batch, seq, vocab) logits (the loss never needs them)."""
+        Eager, the padding is dropped and the rows packed, so the cost is that of the real tokens; compiled, every
+        token is kept so that shapes are static (``PaddedRows``). return_logits=False skips the (batch, seq, vocab)
+        logits (the loss never needs them)."""
         ids, mask = _check_padded(input_ids, attention_mask, "input_ids")
+        keep = mask.bool()
+        rows = PaddedRows(keep, drop_padding=not torch.compiler.is_compiling())
         img_mask = None
         if image_embeds_position_mask is not None:
             img_mask = _check_like(image_embeds_position_mask, ids, "image_embeds_position_mask").bool()
-        keep = mask.bool()
-        lengths = keep.sum(1)
-        cu = cu_seqlens_from_lengths(lengths)
-        layout = PackedLayout.self_attention(cu, ids.shape[1])
+            img_mask = rows.pack(img_mask & keep)
         # transformers' positions: count the non-pad tokens of the row (Kosmos2TextSinusoidalPositionalEmbedding)
         nonpad = (ids != self.config.text.pad_token_id).long()
-        positions = (nonpad.cumsum(1) * nonpad + self.config.text.pad_token_id)[keep]
-        packed_img = img_mask[keep] if img_mask is not None else None
-        embeds = self._images(pixel_values, image_embeds, packed_img)
-        hidden = self.decode(ids[keep], positions, ids.shape[1] + 2, layout, embeds, packed_img)
+        positions = nonpad.cumsum(1) * nonpad + self.config.text.pad_token_id
+        layout = PackedLayout.self_attention(rows.cu_seqlens, ids.shape[1])
+        embeds = self._images(pixel_values, image_embeds, img_mask)
+        hidden = self.decode(rows.pack(ids), rows.pack(positions), ids.shape[1] + 2, layout, embeds, img_mask)
         targets = None
         if labels is not None:
-            labels = _check_like(labels, ids, "labels").long()
-            targets = shift_targets(labels[keep], cu)
+            labels = _check_like(labels, ids, "labels").long().masked_fill(~keep, -100)
+            targets = shift_targets(rows.pack(labels), rows.cu_seqlens)
         loss, stats = self._loss(hidden, targets, labels is not None)
-        logits = None
-        if return_logits:
-            logits = hidden.new_zeros(*ids.shape, self.config.text.vocab_size)
-            logits[keep] = F.linear(hidden, self.lm_head_weight)
+        logits = rows.unpack(F.linear(hidden, self.lm_head_weight)) if return_logits else None
         return Kosmos2Output(loss=loss, logits=logits, stats=stats, image_embeds=embeds)
 
     def forward_packed(
@@ -420,6 +417,43 @@ class Kosmos2ForConditionalGeneration(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+class PaddedRows:
+    """How a padded batch (keep: (batch, seq) bool, True at real tokens, contiguous in each row) becomes the decoder's
+    packed stream, and back.
+
+    drop_padding=True (eager): the real tokens only, one segment per row; cost that of the real tokens.
+    drop_padding=False (compiled): all batch * seq tokens, since a boolean index has a data-dependent shape that a
+    compiled graph cannot take. Each row is two segments split where its padding meets its real tokens, [pads][real]
+    for left padding and [real][pads] for right padding (the other one empty), so causal attention never mixes real
+    tokens and pads; padded positions must be given no target (-100) by the caller."""
+
+    def __init__(self, keep: torch.Tensor, drop_padding: bool):
+        self.keep, self.drop_padding = keep, drop_padding
+        batch, seq = keep.shape
+        if drop_padding:
+            self.cu_seqlens = cu_seqlens_from_lengths(keep.sum(1))
+        else:
+            real = keep.sum(1)
+            leading_pads = (keep.long().cumsum(1) == 0).sum(1)
+            # [pads][real (pads)] when the row starts with padding (all-pad rows too), else [real][pads]
+            split = torch.where(leading_pads > 0, leading_pads, real)
+            starts = torch.arange(batch, device=keep.device) * seq
+            bounds = torch.stack([starts, starts + split], dim=1).flatten()
+            self.cu_seqlens = F.pad(bounds, (0, 1), value=batch * seq).to(torch.int32)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, ...) -> (tokens, ...)."""
+        return t[self.keep] if self.drop_padding else t.flatten(0, 1)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """(tokens, features) -> (batch, seq, features), zeros at the padded positions."""
+        if self.drop_padding:
+            out = t.new_zeros(*self.keep.shape, t.shape[1])
+            out[self.keep] = t
+            return out
+        return t.view(*self.keep.shape, t.shape[1]).masked_fill(~self.keep[..., None], 0)
 
 
 def segment_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
