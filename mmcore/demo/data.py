@@ -89,6 +89,14 @@ class Scene:
             text += f"<phrase> a {shape.name}</phrase>"
         return text, [self.box(s) for s in ordered]
 
+    def text(self) -> str:
+        """The caption as plain text, without tags or boxes: ``"a red circle above a blue square"``."""
+        ordered = self.ordered()
+        words = [f"a {ordered[0].name}"] if ordered else []
+        for prev, shape in zip(ordered, ordered[1:], strict=False):
+            words += [_relation(prev, shape), f"a {shape.name}"]
+        return " ".join(words)
+
     def expressions(self) -> list[tuple[str, tuple[float, float, float, float]]]:
         """One (referring-expression prompt, normalised target box) per shape."""
         return [(f"<grounding><phrase> the {s.name}</phrase>", self.box(s)) for s in self.shapes]

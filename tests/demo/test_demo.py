@@ -97,6 +97,7 @@ def test_caption_and_expressions():
         (30 / 64, 2 / 64, 50 / 64, 22 / 64),
         (40 / 64, 40 / 64, 60 / 64, 60 / 64),
     ]
+    assert scene.text() == "a red circle left of a green triangle above a blue square"
     assert scene.expressions()[1] == ("<grounding><phrase> the red circle</phrase>", boxes[0])
     assert {w for e, _ in scene.expressions() for w in e.split("<phrase>")[1][:-9].split()} <= set(data.words())
 

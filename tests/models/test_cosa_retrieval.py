@@ -85,3 +85,18 @@ def test_several_captions_per_video(data):
     assert out["itc"]["v2t"]["R@5"] == 100.0  # 6 candidates, two positives each
     with pytest.raises(ValueError, match="video_of_text"):
         evaluate_retrieval(model, ids, mask, features=feats[:3])
+
+
+def test_return_scores_are_the_ranked_scores(data):
+    """return_scores gives the matrices the metrics were computed from: ITC similarities and the ITM re-ranking."""
+    model, ids, mask, feats = data
+    out = evaluate_retrieval(model, ids, mask, features=feats, rerank_k=3, return_scores=True)
+    text = pack_padded(ids, mask)
+    with torch.no_grad():
+        sim = model.text_features(text) @ model.video_features(feats).t()
+        t2v = rerank(model, text, feats, sim, 3, videos_are_queries=False)
+    positives = torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(out["scores"]["itc"], sim)
+    torch.testing.assert_close(out["scores"]["itm"], t2v)
+    assert out["itm"]["t2v"] == rank_metrics(out["scores"]["itm"], positives)
+    assert "scores" not in evaluate_retrieval(model, ids, mask, features=feats, rerank_k=0)

@@ -62,10 +62,12 @@ def evaluate_retrieval(
     video_of_text: torch.Tensor | None = None,
     rerank_k: int = 50,
     batch_size: int = 256,
+    return_scores: bool = False,
 ) -> dict:
     """Texts (captions, right-padded) against videos (batch, frames, 3, H, W) or their ``features``. video_of_text
     (texts,) maps each caption to its video (default: caption i describes video i). Returns {"itc": {"t2v": metrics,
-    "v2t": metrics}, "itm": {...}} (``rank_metrics``); "itm" only when rerank_k > 0."""
+    "v2t": metrics}, "itm": {...}} (``rank_metrics``); "itm" only when rerank_k > 0. return_scores: also
+    ``"scores"``: {"itc": (texts, videos) similarities, "itm": the same with each text's top k re-ranked}."""
     if features is None:
         features = model.encode_vision(pixel_values)
     text = pack_padded(input_ids, attention_mask)
@@ -76,8 +78,12 @@ def evaluate_retrieval(
     sim = model.text_features(text) @ model.video_features(features).t()  # (texts, videos)
     pos = video_of_text[:, None] == torch.arange(features.shape[0], device=sim.device)[None, :]
     out = {"itc": {"t2v": rank_metrics(sim, pos), "v2t": rank_metrics(sim.t(), pos.t())}}
+    scores = {"itc": sim}
     if rerank_k > 0:
         t2v = rerank(model, text, features, sim, rerank_k, videos_are_queries=False, batch_size=batch_size)
         v2t = rerank(model, text, features, sim.t(), rerank_k, videos_are_queries=True, batch_size=batch_size)
         out["itm"] = {"t2v": rank_metrics(t2v, pos), "v2t": rank_metrics(v2t, pos.t())}
+        scores["itm"] = t2v
+    if return_scores:
+        out["scores"] = scores
     return out
