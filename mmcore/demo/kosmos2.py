@@ -11,6 +11,19 @@ allows, i.e. chance). Both are evaluated on held-out scenes by referring-express
 ``<grounding><phrase> the red circle</phrase>`` -> ``<object><patch_index_a><patch_index_b></object>``, a hit when
 the decoded box has IoU >= 0.5 with the drawn one. The model then captions held-out scenes with the box grammar on.
 The output folder gets ``metrics.json``, annotated pictures and the learning curves.
+
+How the recipe (``DemoConfig``'s defaults) was found, by REC accuracy on 400 held-out expressions (2 cores):
+
+- Kosmos-2 as released, scaled down (learned ViT positions, 64 latent queries, init std 0.02): 0.02-0.03 after 8
+  minutes, what predicting the usual box places gets (the issue that asked for this demo measured it).
+- Initial values sized for width 128 (``build_model``: init std ``width**-0.5``, location tokens on a 2D sin-cos
+  code, resampler input gain ``sqrt(width)``) and a fixed 2D sin-cos position embedding in the ViT: scenes of one
+  shape reach 0.84 in 400 steps, but scenes of one to three shapes from the start stay at 0.03 after 800.
+- A curriculum (one shape first, up to three over the first 60% of the steps), 16 latent queries and 1,024-token
+  batches: 0.52 after 1,500 steps at learning rate 2e-3, 0.58 at 1e-3; 0.02 with 64 latent queries, 0.04 at 4e-3.
+- Learning rate 1e-3, the curriculum over the first 40%, 3,000 steps: 0.95 (seed 0); seed 1 reached 0.68 after
+  2,000 steps where seed 0 had 0.89, so runs vary by seed. With these defaults ``mmcore demo`` measured 0.973
+  (blind baseline 0.022) in 472 s on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -19,7 +32,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import textwrap
 import time
@@ -35,12 +47,16 @@ from mmcore.eval.refexp import rec_correct
 from mmcore.grounding import extract_entities, to_markdown
 
 LOCATION_INITS = ("sincos2d", "normal")
+# A caption's first word, as Kosmos-2 is prompted with "<grounding> An image of": after "<grounding><phrase>" the
+# training data continue with " the" (a referring expression, 3 samples in 4) or " a" (a caption), and greedy
+# decoding from "<grounding>" alone writes an expression
+CAPTION_PROMPT = "<grounding><phrase> a"
 WINDOW = 256  # scenes generated and packed together (first fit decreasing over this many samples)
 
 
 @dataclass
 class DemoConfig:
-    """Everything a demo run depends on (the defaults are the measured recipe, see ``mmcore demo --help``).
+    """Everything a demo run depends on (the defaults are the measured recipe, see the module docstring).
 
     Model: a ViT of ``vision_layers`` x ``width`` on ``image_size`` pixels cut in ``patch_size`` patches, with
     ``position_embedding`` ("sincos2d" or "learned"); ``latent_query_num`` resampler queries; a decoder of
@@ -53,7 +69,7 @@ class DemoConfig:
     ``curve_expressions`` held-out expressions every ``eval_every`` steps, the final one on ``eval_expressions``;
     ``pictures`` annotated held-out scenes."""
 
-    steps: int = 1500
+    steps: int = 3000
     seed: int = 0
     image_size: int = 64
     patch_size: int = 8
@@ -61,18 +77,18 @@ class DemoConfig:
     heads: int = 4
     vision_layers: int = 3
     text_layers: int = 3
-    latent_query_num: int = 64
+    latent_query_num: int = 16
     num_bins: int = 16
     position_embedding: str = "sincos2d"
     location_init: str = "sincos2d"
     resampler_input_gain: float | None = None
-    token_budget: int = 4096
-    lr: float = 2e-3
+    token_budget: int = 1024
+    lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     caption_fraction: float = 0.25
     max_shapes: int = 3
-    curriculum: float = 0.0
+    curriculum: float = 0.4
     blind_steps: int | None = None
     eval_every: int = 100
     curve_expressions: int = 96
@@ -433,23 +449,23 @@ def rec_accuracy(model, processor, items: Sequence[RecItem], *, blind: bool = Fa
 
 
 def caption_scenes(model, processor, scenes: Sequence[data.Scene]) -> list[dict]:
-    """Grounded captions (prompt ``<grounding>``, box grammar on). Per scene: ``text`` (no tags), ``entities``,
+    """Grounded captions (prompt ``CAPTION_PROMPT``, box grammar on). Per scene: ``text`` (no tags), ``entities``,
     ``markdown`` (phrases linked to their boxes), ``true_text`` and ``true_entities`` ((phrase, box) pairs)."""
     images = [s.image() for s in scenes]
-    texts = generate(model, processor, images, ["<grounding>"] * len(scenes), blind=False, max_new_tokens=48)
+    texts = generate(model, processor, images, [CAPTION_PROMPT] * len(scenes), blind=False, max_new_tokens=48)
     out = []
     for s, text in zip(scenes, texts, strict=True):
         clean, entities = extract_entities(text, processor.num_bins)
         # NOTE: a box generated without a phrase before it comes out as an entity named after its location tokens
         # with an empty span (transformers' convention); only phrases get links
         entities = [e for e in entities if 0 <= e[1][0] < e[1][1]]
-        true_text, true_boxes = s.caption()
+        true_boxes = s.caption()[1]
         out.append(
             {
                 "text": clean,
                 "entities": entities,
                 "markdown": to_markdown(clean, entities),
-                "true_text": re.sub(r"<[^>]*>", "", true_text).strip(),
+                "true_text": s.text(),
                 "true_entities": [(f"a {shape.name}", box) for shape, box in zip(s.ordered(), true_boxes, strict=True)],
             }
         )
@@ -560,13 +576,35 @@ def save_curve(path: Path, history: Sequence[dict], blind_history: Sequence[dict
 # ------------------------------------------------------------------------------------------ the run
 
 
+def idle_cores(seconds: float = 0.5) -> float | None:
+    """How many of this process's cores sat idle over the next ``seconds`` (Linux ``/proc/stat``), None where that
+    cannot be read. Unlike the load average, which trails by a minute, this sees the machine as it is now."""
+
+    def read():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, all
+
+    try:
+        idle0, total0 = read()
+        time.sleep(seconds)
+        idle1, total1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = os.cpu_count() or 1
+    return cpus * (idle1 - idle0) / max(1, total1 - total0)
+
+
 def default_threads() -> int:
-    """The cores that the load average leaves idle, at least one. NOTE: on a busy machine one thread is several
-    times faster than two: each of torch's parallel regions waits for its slowest thread's next time slice
-    (measured on 2 cores at load 5: 0.66-0.70 s per step with one thread, 3.2-6.3 s with two)."""
+    """The cores left idle by other work (``idle_cores``; the load average where that is unavailable), at least one
+    and at most this process's cores. NOTE: on a busy machine one thread is several times faster than two: each of
+    torch's parallel regions waits for its slowest thread's next time slice (measured on 2 cores at load 5:
+    0.66-0.70 s per step with one thread, 3.2-6.3 s with two)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    idle = idle_cores()
+    if idle is None:
+        idle = cores - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+    return max(1, min(cores, round(idle)))
 
 
 def run(config: DemoConfig, out: Path, *, log=print) -> dict:
