@@ -47,24 +47,24 @@ class CosaDemoConfig:
     ``concat = 1``. Evaluation: ``videos`` held-out videos of ``frames`` scenes, ITC ranking re-ranked by ITM over
     the top ``rerank_k``; the learning curve (ITC R@1 on the first ``curve_videos``) every ``eval_every`` steps."""
 
-    steps: int = 400
+    steps: int = 800
     seed: int = 0
     batch_size: int = 32
     frames: int = 4
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 16
     width: int = 128
     heads: int = 4
     vision_layers: int = 2
     text_layers: int = 2
-    max_shapes: int = 3
-    lr: float = 5e-4
+    max_shapes: int = 2
+    lr: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     videos: int = 200
     rerank_k: int = 16
     curve_videos: int = 100
-    eval_every: int = 50
+    eval_every: int = 100
     threads: int | None = None
 
     def __post_init__(self):
