@@ -263,7 +263,7 @@ def test_kosmos2_packed_forward_and_backward_compile_fullgraph():
 
 def test_cosa_encoders_compile_fullgraph():
     """The vision encoder, the text-only and the cross-attending BERT passes and the ITC features, forward and
-    backward. COSA's whole forward is not one graph: see test_cosa_forward_graph_breaks."""
+    backward. COSA's whole training forward as one graph: tests/models/test_cosa_compile.py."""
     from mmcore.models.cosa import pack_padded
 
     torch._dynamo.reset()

@@ -15,6 +15,7 @@ or causal) only to tokens of its paragraph and cross-attends only to the frames 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,24 +30,52 @@ from mmcore.models.layers.attention import Segments
 
 @dataclass
 class PackedText:
-    """Packed token ids ``(tokens,)`` with segment offsets ``cu_seqlens`` (segments + 1,) int32."""
+    """Packed token ids ``(tokens,)`` with segment offsets ``cu_seqlens`` (segments + 1,) int32.
+
+    valid_lengths: None (every token of a segment is real: the eager layout, no padding anywhere), or (segments,)
+    int32 for the fixed-shape layout that ``torch.compile`` traces without data-dependent shapes: every segment is
+    ``max_seqlen`` tokens wide, its first ``valid_lengths[s]`` real and the rest padding. Padding never reaches a real
+    token: full attention runs as prefix attention with the real tokens as the prefix, causal attention never looks
+    ahead, losses ignore it."""
 
     input_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    valid_lengths: torch.Tensor | None = None
+
+    @property
+    def padded(self) -> bool:
+        return self.valid_lengths is not None
 
     @property
     def segments(self) -> Segments:
         return Segments(self.cu_seqlens, self.max_seqlen)
 
     @property
-    def lengths(self) -> torch.Tensor:
+    def extents(self) -> torch.Tensor:
+        """(segments,) int64: the tokens each segment spans, padding included."""
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(segments,) int64: the real tokens of each segment."""
+        return self.valid_lengths.long() if self.padded else self.extents
 
     @property
     def first(self) -> torch.Tensor:
         """(segments,) int64: the index of each segment's first token ([CLS])."""
         return self.cu_seqlens[:-1].long()
+
+    def real(self) -> torch.Tensor:
+        """(tokens,) bool: True at real tokens (everywhere in the eager layout)."""
+        if not self.padded:
+            return torch.ones_like(self.input_ids, dtype=torch.bool)
+        valid = torch.repeat_interleave(self.lengths, self.extents, output_size=len(self.input_ids))
+        return token_positions(self) < valid
+
+    def with_ids(self, input_ids: torch.Tensor) -> PackedText:
+        """The same segments holding other ids (masked copies)."""
+        return dataclasses.replace(self, input_ids=input_ids)
 
     def __len__(self) -> int:
         return self.cu_seqlens.numel() - 1
@@ -56,9 +85,20 @@ class PackedText:
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         return cls(input_ids, cu, int(lengths.max()) if lengths.numel() else 0)
 
+    @classmethod
+    def from_rows(cls, input_ids: torch.Tensor, lengths: torch.Tensor) -> PackedText:
+        """The fixed-shape layout of right-padded (rows, width) ids whose row r holds ``lengths[r]`` real tokens."""
+        rows, width = input_ids.shape
+        cu = Segments.uniform(rows, width, device=input_ids.device).cu_seqlens
+        return cls(input_ids.reshape(-1), cu, width, lengths.to(torch.int32))
 
-def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PackedText:
-    """Right-padded (batch, seq) ids and 0/1 mask -> PackedText (the padding dropped)."""
+
+def pack_padded(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, keep_padding: bool | None = None
+) -> PackedText:
+    """Right-padded (batch, seq) ids and 0/1 mask -> PackedText: the padding dropped (the eager layout), or kept in the
+    fixed-shape layout (``PackedText.valid_lengths``) with ``keep_padding=True``; the default keeps it exactly when
+    ``torch.compile`` is tracing, whose graphs then need no data-dependent shape."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq) tensor")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
@@ -67,19 +107,29 @@ def pack_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = N
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)} like input_ids")
+    compiling = torch.compiler.is_compiling()
+    keep_padding = compiling if keep_padding is None else keep_padding
     keep = attention_mask.bool()
     lengths = keep.sum(1)
-    if attention_mask.device.type == "cpu":
+    if attention_mask.device.type == "cpu" and not compiling:
         prefix = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
         if not torch.equal(prefix, keep) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError("attention_mask must be 0/1 with each row's ones first (right padding)")
         if bool((lengths == 0).any()):
             raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0, 0])} is empty")
+    if keep_padding:
+        return PackedText.from_rows(input_ids.long(), lengths)
     return PackedText.from_lengths(input_ids[keep].long(), lengths)
 
 
 def unpack(x: torch.Tensor, text: PackedText, seq: int) -> torch.Tensor:
     """(tokens, ...) packed -> (segments, seq, ...) right-padded with zeros."""
+    if text.padded:
+        real = text.real().view(-1, *([1] * (x.dim() - 1)))
+        rows = x.masked_fill(~real, 0).view(len(text), text.max_seqlen, *x.shape[1:])
+        if seq <= text.max_seqlen:
+            return rows[:, :seq]
+        return F.pad(rows, (0, 0) * (x.dim() - 1) + (0, seq - text.max_seqlen))
     out = x.new_zeros(len(text), seq, *x.shape[1:])
     keep = torch.arange(seq, device=x.device)[None, :] < text.lengths[:, None]
     out[keep] = x
@@ -89,11 +139,14 @@ def unpack(x: torch.Tensor, text: PackedText, seq: int) -> torch.Tensor:
 def token_positions(text: PackedText) -> torch.Tensor:
     """(tokens,) int64: each token's index within its segment (BERT's position ids)."""
     idx = torch.arange(text.input_ids.numel(), device=text.input_ids.device)
-    return idx - torch.repeat_interleave(text.first, text.lengths, output_size=idx.numel())
+    return idx - torch.repeat_interleave(text.first, text.extents, output_size=idx.numel())
 
 
 def select_segments(text: PackedText, index: torch.Tensor) -> PackedText:
     """The segments ``index`` (int64, repeats allowed) of ``text``, in that order."""
+    if text.padded:
+        rows = text.input_ids.view(len(text), text.max_seqlen)[index]
+        return PackedText.from_rows(rows, text.valid_lengths[index])
     lengths = text.lengths[index]
     total = int(lengths.sum())
     starts = torch.repeat_interleave(text.first[index], lengths, output_size=total)
@@ -126,6 +179,13 @@ def gather_packed(text: PackedText) -> tuple[PackedText, int]:
     """Every rank's packed captions, in rank order, and this rank's first segment index."""
     if not distributed():
         return text, 0
+    if text.padded:  # rows of each rank's width, padded to the widest rank's (a host read: not traced as one graph)
+        widths, _ = gather_batch(torch.tensor([text.max_seqlen], device=text.input_ids.device))
+        width = int(widths.max())
+        rows = F.pad(text.input_ids.view(len(text), text.max_seqlen), (0, width - text.max_seqlen))
+        all_rows, offset = gather_batch(rows)
+        valid, _ = gather_batch(text.valid_lengths)
+        return PackedText.from_rows(all_rows, valid), offset
     lengths, offset = gather_batch(text.lengths)
     width = torch.tensor([text.input_ids.numel()], device=text.input_ids.device)
     widths, _ = gather_batch(width)
@@ -162,15 +222,20 @@ class ConcatText:
     member: torch.Tensor
 
 
-def concat_captions(captions: PackedText, members: torch.Tensor, max_tokens: int, cls_id: int, sep_id: int):
+def concat_captions(
+    captions: PackedText, members: torch.Tensor, max_tokens: int, cls_id: int, sep_id: int, pad_id: int = 0
+):
     """Join the captions ``members`` (rows, k) of ``captions`` (each ``[CLS] body [SEP]``) into one paragraph per row:
     ``[CLS] body_0 body_1 ... body_{k-1} [SEP]``, bodies cut from the end to fit ``max_tokens``, as a tokenizer
-    truncates the joined string (the original's ``truncation=True, max_length=80``)."""
+    truncates the joined string (the original's ``truncation=True, max_length=80``). Captions in the fixed-shape
+    layout give paragraphs in it (padded with ``pad_id``)."""
     rows, k = members.shape
     device = captions.input_ids.device
     body_len = (captions.lengths - 2).clamp(min=0)[members]  # (rows, k)
     before = body_len.cumsum(1) - body_len
     kept = torch.minimum(body_len, (max_tokens - 2 - before).clamp(min=0))  # tokens of each body that fit
+    if captions.padded:
+        return _concat_rows(captions, members, kept, max_tokens, cls_id, sep_id, pad_id)
     flat_kept = kept.reshape(-1)
     body_total = int(flat_kept.sum())
     # source index of each kept body token, in (row, member, token) order
@@ -195,6 +260,26 @@ def concat_captions(captions: PackedText, members: torch.Tensor, max_tokens: int
     return ConcatText(out, member)
 
 
+def _concat_rows(captions, members, kept, max_tokens, cls_id, sep_id, pad_id) -> ConcatText:
+    """concat_captions in the fixed-shape layout: paragraph token p of row r is found by a search over the row's
+    cumulative kept body lengths (no data-dependent shape anywhere)."""
+    rows, k = members.shape
+    width = min(max_tokens, k * max(captions.max_seqlen - 2, 0) + 2)
+    ends = kept.cumsum(1)  # (rows, k): where each member's kept body ends in the joined body
+    total = ends[:, -1]
+    pos = torch.arange(width, device=members.device)
+    body_pos = (pos - 1).expand(rows, width).contiguous()  # the joined body's token index at paragraph position p
+    j = torch.searchsorted(ends, body_pos, right=True).clamp(max=k - 1)  # its member
+    within = body_pos - (ends - kept).gather(1, j)
+    src = members.gather(1, j) * captions.max_seqlen + 1 + within
+    is_body = (body_pos >= 0) & (body_pos < total[:, None])
+    ids = captions.input_ids[src.clamp(0, captions.input_ids.numel() - 1)]
+    ids = torch.where(is_body, ids, pad_id)
+    ids = torch.where(pos == 0, cls_id, torch.where(body_pos == total[:, None], sep_id, ids))
+    member = torch.where(is_body, j, -1)
+    return ConcatText(PackedText.from_rows(ids, total + 2), member.reshape(-1))
+
+
 @dataclass
 class ConcatBatch:
     """The concatenated pass's inputs: paragraphs (``text``), vision features ``(batch, k * frames, tokens, dim)``
@@ -215,6 +300,7 @@ def concatenate(
     max_tokens: int,
     cls_id: int,
     sep_id: int,
+    pad_id: int = 0,
     generator=None,
     pixel_values: torch.Tensor | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -228,7 +314,7 @@ def concatenate(
     all_captions, offset = gather_packed(captions)
     members = sample_partners(batch, len(all_captions), k, offset=offset, generator=generator)
     members = members.to(features.device)
-    joined = concat_captions(all_captions, members, max_tokens, cls_id, sep_id)
+    joined = concat_captions(all_captions, members, max_tokens, cls_id, sep_id, pad_id)
     if encode is not None and pixel_values is not None:
         all_pixels, _ = gather_batch(pixel_values)
         joined_pixels = all_pixels[members].flatten(1, 2)  # (batch, k * frames, 3, H, W)

@@ -30,7 +30,7 @@ from mmcore.models.cosa.concat import (
     token_positions,
     unpack,
 )
-from mmcore.models.cosa.config import COSAConfig, COSATextConfig
+from mmcore.models.cosa.config import COSAConfig, COSATextConfig, TimmSwinConfig
 from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
 from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
@@ -98,6 +98,8 @@ class TextEncoder(nn.Module):
             )
         x = self.embeddings(text.input_ids, token_positions(text))
         seg = text.segments
+        if text.padded and mode == "full":  # the real tokens are the prefix: they never see the padding after them
+            mode, prefix_lens = "prefix", text.valid_lengths
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(
@@ -166,15 +168,51 @@ class ITMHead(nn.Module):
         return self.out(self.norm(F.gelu(self.dense(x))))
 
 
+class TimmSwin(nn.Module):
+    """A timm Swin Transformer as COSA's vision encoder (``vision_type="swin"``, cosa.md 1.1): every token of the last
+    stage after timm's final LayerNorm; no pooling, no head. Swin-B at 224: 7 x 7 = 49 tokens of 1024 channels."""
+
+    def __init__(self, config: TimmSwinConfig):
+        super().__init__()
+        try:
+            import timm
+            from timm.models.swin_transformer import SwinTransformer
+        except ImportError as e:
+            raise ImportError(
+                "vision_type='swin' needs timm, which is not installed: pip install timm "
+                "(or pip install 'mmcore[swin]')"
+            ) from e
+        self.config = config
+        self.swin = timm.create_model(config.model_name, pretrained=False, num_classes=0, **config.timm_kwargs())
+        if not isinstance(self.swin, SwinTransformer):
+            raise ValueError(f"{config.model_name!r} builds a timm {type(self.swin).__name__}, not a SwinTransformer")
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return all(stage.grad_checkpointing for stage in self.swin.layers)
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.swin.set_grad_checkpointing(enable)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (batch, 3, img_size, img_size) -> (batch, num_tokens, num_features), the last stage's grid
+        in row-major order."""
+        s = self.config.img_size
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, s, s):
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must have shape (batch, 3, {s}, {s}), got {shape}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        x = self.swin.forward_features(pixel_values.to(self.swin.patch_embed.proj.weight.dtype))  # (batch, H', W', C)
+        return x.flatten(1, 2)
+
+
 def build_vision_encoder(config: COSAConfig) -> nn.Module:
-    """The CLIP ViT (``vision_type="clip"``); Swin needs timm."""
+    """The CLIP ViT (``vision_type="clip"``) or the timm Swin (``"swin"``, needs timm)."""
     if config.vision_type == "clip":
         return VisionTransformer(config.vision)
-    try:
-        import timm  # noqa: F401
-    except ImportError as e:
-        raise ImportError("vision_type='swin' needs timm, which is not installed (pip install timm)") from e
-    raise NotImplementedError("vision_type='swin': the timm Swin encoder is not wired in yet; use vision_type='clip'")
+    return TimmSwin(config.swin)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -280,7 +318,12 @@ class COSAModel(nn.Module):
     # ---- objectives
 
     def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the tied LM head on the rows with a label (the others are never projected)."""
+        """Cross-entropy of the tied LM head on the rows with a label (the others are never projected; under
+        torch.compile every row is, the unlabelled ones ignored, so that no shape depends on the data)."""
+        if torch.compiler.is_compiling():
+            return ops.fused_linear_cross_entropy(
+                self.mlm_head(hidden), self.word_embeddings, labels, bias=self.mlm_head.bias
+            )
         rows = labels != IGNORE_INDEX
         return ops.fused_linear_cross_entropy(
             self.mlm_head(hidden[rows]), self.word_embeddings, labels[rows], bias=self.mlm_head.bias
@@ -288,6 +331,8 @@ class COSAModel(nn.Module):
 
     def _mask(self, text: PackedText, probability: float, eligible=None, generator=None):
         t = self.config.text
+        if eligible is None and text.padded:  # every real token but [CLS]
+            eligible = text.real() & (token_positions(text) > 0)
         return mask_tokens(
             text.input_ids,
             text.cu_seqlens,
@@ -325,7 +370,7 @@ class COSAModel(nn.Module):
     def mlm_loss(self, text: PackedText, features: torch.Tensor, generator=None) -> torch.Tensor:
         """15% of the tokens masked (80/10/10), bidirectional with cross-attention, predicted at the masked ones."""
         ids, labels = self._mask(text, self.config.mlm_probability, generator=generator)
-        hidden = self.joint(PackedText(ids, text.cu_seqlens, text.max_seqlen), features, "full")
+        hidden = self.joint(text.with_ids(ids), features, "full")
         return self._token_loss(hidden, labels)
 
     def caption_loss(self, text: PackedText, features: torch.Tensor, generator=None, mode=None) -> torch.Tensor:
@@ -336,7 +381,7 @@ class COSAModel(nn.Module):
             ids, labels = self._mask(text, self.config.caption_probability, generator=generator)
         else:
             ids, labels = text.input_ids, next_token_labels(text)
-        hidden = self.joint(PackedText(ids, text.cu_seqlens, text.max_seqlen), features, "causal")
+        hidden = self.joint(text.with_ids(ids), features, "causal")
         return self._token_loss(hidden, labels)
 
     def qa_loss(
@@ -347,7 +392,8 @@ class COSAModel(nn.Module):
         of the answer tokens masked and predicted."""
         if features is None:
             features = self.encode_vision(pixel_values)
-        question, answer = pack_padded(question_ids, question_mask), pack_padded(answer_ids, answer_mask)
+        question = pack_padded(question_ids, question_mask, keep_padding=False)
+        answer = pack_padded(answer_ids, answer_mask, keep_padding=False)
         ids = torch.cat([question_ids, answer_ids], 1)[torch.cat([question_mask, answer_mask], 1).bool()].long()
         text = PackedText.from_lengths(ids, question.lengths + answer.lengths)
         is_answer = torch.arange(ids.numel(), device=ids.device) >= (
@@ -400,6 +446,7 @@ class COSAModel(nn.Module):
                 max_tokens=cfg.max_concat_tokens,
                 cls_id=cfg.text.cls_token_id,
                 sep_id=cfg.text.sep_token_id,
+                pad_id=cfg.text.pad_token_id,
                 generator=generator,
                 pixel_values=pixel_values if reencode else None,
                 encode=self.encode_vision if reencode else None,
@@ -434,8 +481,12 @@ class COSAModel(nn.Module):
 
 
 def next_token_labels(text: PackedText) -> torch.Tensor:
-    """(tokens,): token i's label is token i + 1 of its segment; each segment's last token has none (-100)."""
+    """(tokens,): token i's label is token i + 1 of its segment; each segment's last token has none (-100), nor has
+    padding."""
     labels = torch.roll(text.input_ids, -1)
+    if text.padded:
+        last = torch.repeat_interleave(text.lengths - 1, text.extents, output_size=labels.numel())
+        return labels.masked_fill(token_positions(text) >= last, IGNORE_INDEX)
     if labels.numel():
         labels[text.cu_seqlens[1:].long()[text.lengths > 0] - 1] = IGNORE_INDEX
     return labels
