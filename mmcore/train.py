@@ -27,8 +27,9 @@ ViT block and decoder/BERT layer, then to the root (the tied embedding, the head
 the root, so the loss runs inside the wrapped forward; 0-dim parameters, which fully_shard refuses, stay replicated
 with their gradients averaged by hand). ``--activation-checkpointing`` recomputes every block in the backward pass;
 ``--compile`` compiles every block with ``torch.compile(fullgraph=True, dynamic=True)`` (per block, so it composes with
-DDP, FSDP2 and checkpointing; the whole Kosmos-2 ``forward_packed`` also traces as one graph, COSA's forward does not:
-its packing, sampling and gathering are data-dependent). On a GPU: NCCL, bf16 autocast; on the CPU: gloo, float32.
+DDP, FSDP2 and checkpointing, and the generator that seeds COSA's draws stays outside the graphs; Kosmos-2's
+``forward_packed`` and COSA's whole ``forward`` also trace as one graph each, COSA's with the global generator, see
+tests/models/test_cosa_compile.py). On a GPU: NCCL, bf16 autocast; on the CPU: gloo, float32.
 
 Checkpoints (``--checkpoint-every M --out DIR``): ``DIR/step_00000010/`` with ``state.json`` (step, arguments,
 model config, optimizer hyperparameters), ``rng/rank_<r>.safetensors`` (each rank's CPU/CUDA generator state and its

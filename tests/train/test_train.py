@@ -40,6 +40,7 @@ def scenarios(out: Path) -> dict[str, list[str]]:
         "k2_fsdp": k2 + k2_fsdp + ckpt("k2_fsdp"),
         "k2_fsdp_resumed": k2 + k2_fsdp + resume("k2_fsdp"),
         "cosa_itc_ddp": COSA + COSA_ITC + b + ["--steps", "3"],
+        "cosa_itc_ddp_grad": COSA + COSA_ITC + ["--set", "gather_with_grad=true"] + b + ["--steps", "3"],
         "cosa_ddp": COSA + b + steps + ckpt("cosa_ddp"),
         "cosa_ddp_resumed": COSA + b + steps + resume("cosa_ddp"),
         "cosa_fsdp": COSA + b + steps + ["--fsdp"] + ckpt("cosa_fsdp"),
@@ -132,13 +133,23 @@ def test_cosa_ddp_equals_one_process_on_the_global_batch(distributed_runs):
 @pytest.mark.xfail(
     strict=True,
     reason="as the original COSA (ddp_allgather without gradient, shared/research/cosa.md section 2.3), "
-    "mmcore.models.cosa.concat.gather_batch detaches the other ranks' rows: under DDP a rank's features miss the "
-    "gradient of the ITC terms computed on the other ranks, so the updates differ from one process's",
+    "mmcore.models.cosa.concat.gather_batch detaches the other ranks' rows by default: under DDP a rank's features "
+    "miss the gradient of the ITC terms computed on the other ranks, so the updates differ from one process's "
+    "(gather_with_grad=True makes them equal: test_cosa_ddp_with_gradient_gather_equals_one_process)",
 )
 def test_cosa_ddp_trajectory_equals_one_process(distributed_runs):
     results, _ = distributed_runs
     ref = _one_process(COSA + COSA_ITC + ["--batch-size", str(WORLD * BATCH), "--steps", "3"])
     _close(_losses(results["cosa_itc_ddp"]), _losses(ref), 1e-5, "DDP vs one process, steps 1-3")
+
+
+@pytest.mark.slow
+def test_cosa_ddp_with_gradient_gather_equals_one_process(distributed_runs):
+    """gather_with_grad=True: the other ranks' features carry their gradient home, and DDP's trajectory is one
+    process's on the global batch."""
+    results, _ = distributed_runs
+    ref = _one_process(COSA + COSA_ITC + ["--batch-size", str(WORLD * BATCH), "--steps", "3"])
+    _close(_losses(results["cosa_itc_ddp_grad"]), _losses(ref), 1e-5, "DDP (gradient gather) vs one process")
 
 
 @pytest.mark.slow

@@ -162,12 +162,18 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def gather_batch(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(batch, ...) on every rank -> ((world * batch, ...), this rank's offset). Other ranks' rows carry no
-    gradient; this rank's rows are ``x`` itself, so gradients flow through them (every rank must pass the same
-    batch size). Without an initialised process group: (x, 0)."""
+def gather_batch(x: torch.Tensor, *, with_grad: bool = False) -> tuple[torch.Tensor, int]:
+    """(batch, ...) on every rank -> ((world * batch, ...), this rank's offset). As the original, other ranks' rows
+    carry no gradient; this rank's rows are ``x`` itself, so gradients flow through them (every rank must pass the
+    same batch size). with_grad: every row carries its gradient back to its rank (``torch.distributed.nn``'s
+    all_gather, whose backward sums the ranks' gradients), so that DDP's averaged update equals one process's on the
+    global batch. Without an initialised process group: (x, 0)."""
     if not distributed():
         return x, 0
+    if with_grad:
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x.contiguous())), dist.get_rank() * x.shape[0]
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     rank = dist.get_rank()
@@ -304,12 +310,14 @@ def concatenate(
     generator=None,
     pixel_values: torch.Tensor | None = None,
     encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    gather_with_grad: bool = False,
 ) -> ConcatBatch:
     """Draw k - 1 partners per sample from the (global) batch and build the concatenated pass.
 
     captions: this rank's packed captions; features: (batch, frames, tokens, dim) this rank's vision features. With
     ``pixel_values`` (batch, frames, 3, H, W) and ``encode`` the joined pixels are re-encoded (every member then
-    carries gradients, at k times the vision cost); otherwise the given features are reused."""
+    carries gradients, at k times the vision cost); otherwise the given features are reused. gather_with_grad: other
+    ranks' partner features carry gradients back to them (``gather_batch``)."""
     batch, frames = features.shape[:2]
     all_captions, offset = gather_packed(captions)
     members = sample_partners(batch, len(all_captions), k, offset=offset, generator=generator)
@@ -320,6 +328,6 @@ def concatenate(
         joined_pixels = all_pixels[members].flatten(1, 2)  # (batch, k * frames, 3, H, W)
         feats = encode(joined_pixels)
     else:
-        all_features, _ = gather_batch(features)
+        all_features, _ = gather_batch(features, with_grad=gather_with_grad)
         feats = all_features[members].flatten(1, 2)  # (batch, k * frames, tokens, dim)
     return ConcatBatch(joined.text, feats, members, joined.member)

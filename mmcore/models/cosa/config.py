@@ -98,7 +98,9 @@ class COSAConfig:
     concatenated pseudo video-paragraph (4); max_concat_tokens: a paragraph's token budget, [CLS] and [SEP] included
     (40 * ceil(concat / 2) = 80 in the original); origin_tasks / concat_tasks: objectives of the single-sample and
     the concatenated passes (``ret_cret_ccap_cmlm``); caption_mode: "masked" (the official 60%-masked causal LM) or
-    "next_token"; itm_ratio: ITM loss weight (1.0 pretraining, 0.1 retrieval fine-tuning)."""
+    "next_token"; itm_ratio: ITM loss weight (1.0 pretraining, 0.1 retrieval fine-tuning); gather_with_grad: under
+    torch.distributed, other ranks' gathered features carry gradients back to them, which makes DDP's update equal
+    one process's on the global batch (default off, as the original's ``ddp_allgather``)."""
 
     text: COSATextConfig = field(default_factory=COSATextConfig)
     vision: ViTConfig = field(default_factory=ViTConfig)
@@ -116,6 +118,7 @@ class COSAConfig:
     qa_probability: float = 0.99
     caption_mode: str = "masked"
     itm_ratio: float = 1.0
+    gather_with_grad: bool = False
 
     def __post_init__(self):
         if isinstance(self.text, dict):
@@ -132,6 +135,8 @@ class COSAConfig:
             raise ValueError(f"COSAConfig.vision_type must be one of {VISION_TYPES}, got {self.vision_type!r}")
         if self.caption_mode not in CAPTION_MODES:
             raise ValueError(f"COSAConfig.caption_mode must be one of {CAPTION_MODES}, got {self.caption_mode!r}")
+        if not isinstance(self.gather_with_grad, bool):
+            raise ValueError(f"COSAConfig.gather_with_grad must be a bool, got {self.gather_with_grad!r}")
         if not self.temperature > 0:
             raise ValueError(f"COSAConfig.temperature must be positive, got {self.temperature!r}")
         self.origin_tasks, self.concat_tasks = tuple(self.origin_tasks), tuple(self.concat_tasks)

@@ -347,8 +347,8 @@ class COSAModel(nn.Module):
         """ITC similarities against the global batch: (sim_t2v, sim_v2t, targets), each sim (batch, global batch)
         divided by the temperature; other ranks' features carry no gradient."""
         t, v = self.text_features(text), self.video_features(features)
-        t_all, offset = gather_batch(t)
-        v_all, _ = gather_batch(v)
+        t_all, offset = gather_batch(t, with_grad=self.config.gather_with_grad)
+        v_all, _ = gather_batch(v, with_grad=self.config.gather_with_grad)
         targets = offset + torch.arange(t.shape[0], device=t.device)
         return t @ v_all.t() / self.contra_temp, v @ t_all.t() / self.contra_temp, targets
 
@@ -358,7 +358,7 @@ class COSAModel(nn.Module):
         neg_video = sample_hard_negatives(sim_t2v, targets, generator)
         neg_text = sample_hard_negatives(sim_v2t, targets, generator)
         all_text, _ = gather_packed(text)
-        all_features, _ = gather_batch(features)
+        all_features, _ = gather_batch(features, with_grad=self.config.gather_with_grad)
         pairs_text = select_segments(all_text, torch.cat([targets, targets, neg_text]))
         pairs_video = torch.cat([features, all_features[neg_video], features])
         hidden = self.joint(pairs_text, pairs_video)
@@ -427,7 +427,9 @@ class COSAModel(nn.Module):
         right-padded, each caption ``[CLS] ... [SEP]``. Runs ``origin_tasks`` on the single samples and, with
         concat > 1, ``concat_tasks`` on pseudo video-paragraph pairs of ``concat`` samples (with concat = 1 both
         task lists run on the single samples). Returns {"itc_origin": ..., "itm_concatenated": ..., "loss": sum}.
-        generator: a torch.Generator for the masks, hard negatives and partners (seed it per rank)."""
+        generator: a torch.Generator for the masks, hard negatives and partners (seed it per rank). Under
+        torch.compile leave it None (the global generator draws): dynamo does not trace Generator arguments. While
+        compiling, the captions take the fixed-shape layout (``pack_padded``) and the forward is one graph."""
         k = self.config.concat if concat is None else concat
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"concat must be a positive int, got {k!r}")
@@ -450,6 +452,7 @@ class COSAModel(nn.Module):
                 generator=generator,
                 pixel_values=pixel_values if reencode else None,
                 encode=self.encode_vision if reencode else None,
+                gather_with_grad=cfg.gather_with_grad,
             )
             losses.update(self.objectives(batch.text, batch.features, cfg.concat_tasks, "concatenated", generator))
         losses["loss"] = sum(losses.values())
