@@ -9,6 +9,16 @@ from dataclasses import asdict, dataclass, field, fields
 from mmcore.models.layers.vit import ACTIVATIONS, ViTConfig
 
 VISION_TYPES = ("clip", "swin")
+SWIN_ARCH = ("img_size", "patch_size", "window_size", "embed_dim", "depths", "num_heads")
+# timm's Swin (v1) entry points (timm/models/swin_transformer.py): what a TimmSwinConfig field left None becomes.
+SWIN_PRESETS = {
+    "swin_tiny_patch4_window7_224": (224, 4, 7, 96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "swin_small_patch4_window7_224": (224, 4, 7, 96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "swin_base_patch4_window7_224": (224, 4, 7, 128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "swin_base_patch4_window12_384": (384, 4, 12, 128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "swin_large_patch4_window7_224": (224, 4, 7, 192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    "swin_large_patch4_window12_384": (384, 4, 12, 192, (2, 2, 18, 2), (6, 12, 24, 48)),
+}
 CAPTION_MODES = ("masked", "next_token")
 TASKS = ("itc", "itm", "mlm", "cap")
 
@@ -91,11 +101,87 @@ class COSATextConfig:
 
 
 @dataclass
+class TimmSwinConfig:
+    """A timm Swin Transformer (v1, ``timm.models.swin_transformer.SwinTransformer``), built as
+    ``timm.create_model(model_name, num_classes=0, img_size=..., patch_size=..., window_size=..., embed_dim=...,
+    depths=..., num_heads=...)``. A field left None takes the value of ``model_name``'s entry in SWIN_PRESETS; a name
+    outside the presets needs all six. The default is Swin-B at 224, COSA-B's encoder (cosa.md 1.1): 1024 channels,
+    7 x 7 = 49 tokens per frame. Stage i has ``embed_dim * 2**i`` channels and ``num_heads[i]`` heads; each stage
+    after the first halves the token grid."""
+
+    model_name: str = "swin_base_patch4_window7_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    window_size: int | None = None
+    embed_dim: int | None = None
+    depths: tuple[int, ...] | None = None
+    num_heads: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.model_name, str) or not self.model_name.startswith("swin_"):
+            raise ValueError(
+                f"TimmSwinConfig.model_name must name a timm Swin (v1) model, 'swin_...' (swinv2 is not supported), "
+                f"got {self.model_name!r}"
+            )
+        preset = SWIN_PRESETS.get(self.model_name)
+        for name, default in zip(SWIN_ARCH, preset or [None] * len(SWIN_ARCH), strict=True):
+            if getattr(self, name) is None:
+                if default is None:
+                    raise ValueError(
+                        f"TimmSwinConfig.{name} must be given: {self.model_name!r} is not one of the presets "
+                        f"{sorted(SWIN_PRESETS)}"
+                    )
+                setattr(self, name, default)
+        _positive(self, "img_size", "patch_size", "window_size", "embed_dim")
+        for name in ("depths", "num_heads"):
+            value = getattr(self, name)
+            ok = isinstance(value, (tuple, list)) and len(value) > 0
+            if not ok or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+                raise ValueError(f"TimmSwinConfig.{name} must be a non-empty tuple of positive ints, got {value!r}")
+            setattr(self, name, tuple(value))
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(
+                f"TimmSwinConfig.depths {self.depths} and num_heads {self.num_heads} must have one entry per stage"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"TimmSwinConfig.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        shrink = 2 ** (len(self.depths) - 1)
+        if (self.img_size // self.patch_size) % shrink:
+            raise ValueError(
+                f"TimmSwinConfig: the {self.img_size // self.patch_size}-patch grid (img_size / patch_size) must be "
+                f"divisible by {shrink}: each of the {len(self.depths)} stages after the first halves it"
+            )
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ValueError(
+                    f"TimmSwinConfig: stage {i} has {self.embed_dim * 2**i} channels (embed_dim * 2**{i}), not "
+                    f"divisible by num_heads[{i}] = {heads}"
+                )
+
+    @property
+    def num_features(self) -> int:
+        """Channels of the output tokens (the last stage's)."""
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        """Output tokens per image: the last stage's grid, flattened."""
+        return (self.img_size // self.patch_size // 2 ** (len(self.depths) - 1)) ** 2
+
+    def timm_kwargs(self) -> dict:
+        """The keyword arguments for ``timm.create_model(model_name, ...)``, besides ``num_classes=0``."""
+        return {name: getattr(self, name) for name in SWIN_ARCH}
+
+
+@dataclass
 class COSAConfig:
-    """text: BERT; vision: the CLIP ViT (``vision_type="clip"``; "swin" needs timm); frame_slots: learned temporal
-    embeddings (``train_video_sample_num``: 4 = one per concatenated sample); contra_dim: ITC feature size (512);
-    temperature: ITC's initial temperature (logits are divided by it, learnable); concat: samples per
-    concatenated pseudo video-paragraph (4); max_concat_tokens: a paragraph's token budget, [CLS] and [SEP] included
+    """text: BERT; vision: the CLIP ViT (``vision_type="clip"``); swin: the timm Swin (``vision_type="swin"``, needs
+    timm; the config of the encoder not chosen is kept but unused); frame_slots: learned temporal embeddings
+    (``train_video_sample_num``: 4 = one per concatenated sample); contra_dim: ITC feature size (512); temperature:
+    ITC's initial temperature (logits are divided by it, learnable); concat: samples per concatenated pseudo
+    video-paragraph (4); max_concat_tokens: a paragraph's token budget, [CLS] and [SEP] included
     (40 * ceil(concat / 2) = 80 in the original); origin_tasks / concat_tasks: objectives of the single-sample and
     the concatenated passes (``ret_cret_ccap_cmlm``); caption_mode: "masked" (the official 60%-masked causal LM) or
     "next_token"; itm_ratio: ITM loss weight (1.0 pretraining, 0.1 retrieval fine-tuning); gather_with_grad: under
@@ -105,6 +191,7 @@ class COSAConfig:
     text: COSATextConfig = field(default_factory=COSATextConfig)
     vision: ViTConfig = field(default_factory=ViTConfig)
     vision_type: str = "clip"
+    swin: TimmSwinConfig = field(default_factory=TimmSwinConfig)
     frame_slots: int = 4
     contra_dim: int = 512
     temperature: float = 0.07
@@ -125,6 +212,8 @@ class COSAConfig:
             self.text = COSATextConfig(**self.text)
         if isinstance(self.vision, dict):
             self.vision = ViTConfig(**self.vision)
+        if isinstance(self.swin, dict):
+            self.swin = TimmSwinConfig(**self.swin)
         _positive(self, "frame_slots", "contra_dim", "concat", "max_concat_tokens")
         _probability(self, "label_smoothing")
         for name in ("mlm_probability", "caption_probability", "qa_probability"):
@@ -152,7 +241,8 @@ class COSAConfig:
 
     @property
     def vision_dim(self) -> int:
-        return self.vision.hidden_size
+        """Channels of the vision encoder's tokens: the ViT's hidden size, or the Swin's last stage."""
+        return self.swin.num_features if self.vision_type == "swin" else self.vision.hidden_size
 
     def to_dict(self) -> dict:
         return asdict(self)
