@@ -267,7 +267,7 @@ class SyntheticCOSA:
 
     def sample(self, seed: int) -> tuple[torch.Tensor, list[int]]:
         g = torch.Generator().manual_seed(seed)
-        size, t = self.config.vision.image_size, self.config.text
+        size, t = self.config.image_size, self.config.text
         c = int(torch.randint(0, self.CLASSES, (1,), generator=g))
         pixels = 0.3 * torch.randn(self.frames, 3, size, size, generator=g)
         band = max(1, size // self.CLASSES)

@@ -190,3 +190,20 @@ def test_packed_text_helpers():
     assert text.cu_seqlens.tolist() == [0, 3, 8] and text.max_seqlen == 5
     assert text.input_ids[text.first].tolist() == [CLS, CLS]
     assert isinstance(text, PackedText) and len(text) == 2
+
+
+def test_image_size_follows_the_vision_encoder():
+    """The frame side the model takes (what mmcore.train's synthetic COSA data draws): the ViT's or the Swin's."""
+    from mmcore.models.cosa.config import COSAConfig, TimmSwinConfig
+
+    swin = TimmSwinConfig(
+        model_name="swin_tiny_patch4_window7_224",
+        img_size=64,
+        patch_size=4,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(2, 4),
+    )
+    assert COSAConfig(vision_type="swin", swin=swin).image_size == 64
+    assert COSAConfig().image_size == COSAConfig().vision.image_size == 224

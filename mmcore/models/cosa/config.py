@@ -244,6 +244,11 @@ class COSAConfig:
         """Channels of the vision encoder's tokens: the ViT's hidden size, or the Swin's last stage."""
         return self.swin.num_features if self.vision_type == "swin" else self.vision.hidden_size
 
+    @property
+    def image_size(self) -> int:
+        """The side of the square frames the vision encoder takes."""
+        return self.swin.img_size if self.vision_type == "swin" else self.vision.image_size
+
     def to_dict(self) -> dict:
         return asdict(self)
 

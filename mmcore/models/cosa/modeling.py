@@ -220,7 +220,7 @@ def build_vision_encoder(config: COSAConfig) -> nn.Module:
 
 class COSAModel(nn.Module):
     """COSA with its pretraining objectives. Build from a config and ``init_weights()``, or from transformers
-    models with ``from_hf(text=BertModel or BertForMaskedLM, vision=CLIPVisionModel)``."""
+    models with ``from_hf(text=BertModel or BertForMaskedLM, vision=CLIPVisionModel or a timm Swin)``."""
 
     def __init__(self, config: COSAConfig):
         super().__init__()
