@@ -103,7 +103,11 @@ def _demo(args) -> int:
     except ImportError as e:
         print(f"mmcore demo: {e} (install the demo's dependencies: pip install -e '.[demo]')", file=sys.stderr)
         return 2
-    return run_cli(args)
+    try:
+        return run_cli(args)
+    except ValueError as e:  # a bad --steps / --seed / --threads, named by the config's check
+        print(f"mmcore demo: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     demo.add_argument("--blind-steps", type=int, help="steps of the image-blind baseline (default: steps / 4)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=int, help="torch threads (default: the cores the load average leaves idle)")
+    demo.add_argument("--threads", type=int, help="torch threads (default: the cores idle when it starts)")
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)

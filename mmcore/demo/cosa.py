@@ -84,6 +84,10 @@ class CosaDemoConfig:
             raise ValueError(f"CosaDemoConfig.rerank_k must be an int >= 0, got {self.rerank_k!r}")
         if self.curve_videos > self.videos:
             raise ValueError(f"CosaDemoConfig.curve_videos {self.curve_videos} exceeds videos {self.videos}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"CosaDemoConfig.threads must be None or a positive int, got {self.threads!r}")
         if not self.lr > 0:
             raise ValueError(f"CosaDemoConfig.lr must be positive, got {self.lr!r}")
 

@@ -110,6 +110,10 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.caption_fraction must be in [0, 1], got {self.caption_fraction}")
         if self.location_init not in LOCATION_INITS:
             raise ValueError(f"DemoConfig.location_init must be one of {LOCATION_INITS}, got {self.location_init!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"DemoConfig.threads must be None or a positive int, got {self.threads!r}")
         if not 0.0 <= self.curriculum < 1.0:
             raise ValueError(f"DemoConfig.curriculum must be in [0, 1), got {self.curriculum}")
 

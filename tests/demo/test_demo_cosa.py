@@ -77,6 +77,23 @@ def test_config_rejects_bad_values(kwargs, match):
         cosa.CosaDemoConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["demo", "--steps", "0"], "DemoConfig.steps"),
+        (["demo", "--threads", "0"], "DemoConfig.threads"),
+        (["demo", "--model", "cosa", "--steps", "-3"], "CosaDemoConfig.steps"),
+        (["demo", "--model", "cosa", "--threads", "0"], "CosaDemoConfig.threads"),
+    ],
+)
+def test_bad_demo_arguments_exit_with_a_message(argv, match, capsys, tmp_path):
+    from mmcore import cli
+
+    assert cli.main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_blind_steps_is_refused_for_cosa(capsys):
     from mmcore import cli
 
