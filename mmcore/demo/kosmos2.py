@@ -275,24 +275,25 @@ class Encoder:
         return out
 
 
-def max_shapes_at(config: DemoConfig, step: int) -> int:
-    """The curriculum: the most shapes a training scene may hold at ``step``."""
-    ramp = config.curriculum * config.steps
+def max_shapes_at(config: DemoConfig, step: int, steps: int) -> int:
+    """The curriculum: the most shapes a training scene may hold at ``step`` of a run of ``steps`` (the model's and
+    the blind baseline's runs ramp over the same share of their own steps)."""
+    ramp = config.curriculum * steps
     if ramp <= 0:
         return config.max_shapes
     return min(config.max_shapes, 1 + int(step * config.max_shapes / ramp))
 
 
-def packed_batches(config: DemoConfig, encoder: Encoder) -> Iterator[dict]:
-    """Packed training batches without end. Train-split scenes, ``WINDOW`` at a time, become samples that first fit
-    decreasing puts into bins of ``token_budget`` tokens, one bin per step; the last bin of a window (the least
-    full) is carried into the next window."""
+def packed_batches(config: DemoConfig, encoder: Encoder, steps: int) -> Iterator[dict]:
+    """Packed training batches for a run of ``steps`` (the curriculum's length), without end. Train-split scenes,
+    ``WINDOW`` at a time, become samples that first fit decreasing puts into bins of ``token_budget`` tokens, one bin
+    per step; the last bin of a window (the least full) is carried into the next window."""
     from mmcore.data import collate_kosmos2_packed, first_fit_decreasing
 
     rng = random.Random(f"mmcore-demo/{config.seed}")
     index, step, carry = 0, 0, []
     while True:
-        shapes = max_shapes_at(config, step)
+        shapes = max_shapes_at(config, step, steps)
         window = [data.scene("train", config.seed, index + i, max_shapes=shapes, image_size=config.image_size)
                   for i in range(WINDOW)]  # fmt: skip
         index += WINDOW
@@ -337,7 +338,7 @@ def train(model, processor, config: DemoConfig, *, steps: int, blind: bool = Fal
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
     blank = blank_pixels(processor, 1) if blind else None
-    batches = packed_batches(config, Encoder(processor))
+    batches = packed_batches(config, Encoder(processor), steps)
     history, smooth, rec = [], None, None
     start = time.perf_counter()
     model.train()

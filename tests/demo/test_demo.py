@@ -178,3 +178,14 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     for name in metrics["files"]:
         assert (out / name).stat().st_size > 0, name
     assert {"learning_curve.png", "examples.png", "caption_0.png", "rec_1.png"} <= set(metrics["files"])
+
+
+def test_curriculum_ramps_over_each_runs_own_steps():
+    """One shape first, up to max_shapes after the curriculum's share of the run: the blind baseline's shorter run
+    ramps over its own steps, so it trains on the same mix of scenes as the model."""
+    from mmcore.demo.kosmos2 import DemoConfig, max_shapes_at
+
+    config = DemoConfig(curriculum=0.4, max_shapes=3)
+    assert [max_shapes_at(config, s, 3000) for s in (0, 399, 400, 799, 800, 2999)] == [1, 1, 2, 2, 3, 3]
+    assert [max_shapes_at(config, s, 750) for s in (0, 99, 100, 200, 749)] == [1, 1, 2, 3, 3]
+    assert max_shapes_at(DemoConfig(curriculum=0.0), 0, 3000) == 3
