@@ -23,7 +23,7 @@ How the recipe (``DemoConfig``'s defaults) was found, by REC accuracy on 400 hel
   batches: 0.52 after 1,500 steps at learning rate 2e-3, 0.58 at 1e-3; 0.02 with 64 latent queries, 0.04 at 4e-3.
 - Learning rate 1e-3, the curriculum over the first 40%, 3,000 steps: 0.95 (seed 0); seed 1 reached 0.68 after
   2,000 steps where seed 0 had 0.89, so runs vary by seed. With these defaults ``mmcore demo`` measured 0.973
-  (blind baseline 0.022) in 472 s on 2 idle cores, ``--seed 2`` 0.922 and ``--seed 1`` 0.690 (still rising).
+  (blind baseline 0.005) in 485 s on 2 idle cores, ``--seed 2`` 0.922 and ``--seed 1`` 0.690 (still rising).
 """
 
 from __future__ import annotations
