@@ -309,3 +309,48 @@ def test_bad_input(models):
         mm.generate(pixels, ids, img, mask, max_new_tokens=0)
     with pytest.raises(ValueError, match="image_embeds_position_mask must have shape"):
         mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img[:, :3], attention_mask=mask)
+
+
+@pytest.mark.parametrize("size", [(48, 48), (40, 56), (32, 32)], ids=["48x48", "40x56", "native"])
+def test_interpolate_pos_encoding_equals_transformers(models, size):
+    """Images of another size than the ViT's 32 x 32: the learned position table resized bicubically, as
+    transformers' interpolate_pos_encoding=True; logits and greedy tokens equal."""
+    hf, mm = models
+    ids, mask, img, _ = make_batch([10, 7], seed=4)
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    kw = dict(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask)
+    with torch.no_grad():
+        want = hf(**kw, interpolate_pos_encoding=True).logits
+        ours = mm(**kw, interpolate_pos_encoding=True).logits
+        assert_close_at(want, ours, mask.bool())
+        # transformers' generate takes no interpolate_pos_encoding: its image embeddings come from get_image_features
+        embeds = hf.get_image_features(pixels, interpolate_pos_encoding=True, return_dict=True).pooler_output
+        ours_embeds = mm.encode_images(pixels, interpolate_pos_encoding=True)
+        torch.testing.assert_close(ours_embeds, embeds, atol=1e-5, rtol=1e-4)
+        hf_ids = hf.generate(image_embeds=embeds, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask,
+                             max_new_tokens=6, do_sample=False, no_repeat_ngram_size=0, pad_token_id=1)  # fmt: skip
+        mm_ids = mm.generate(pixels, ids, img, mask, max_new_tokens=6, constrain_boxes=False, no_repeat_ngram_size=0,
+                             interpolate_pos_encoding=True)  # fmt: skip
+    assert torch.equal(mm_ids, hf_ids[:, : mm_ids.shape[1]])
+
+
+def test_other_image_sizes_need_interpolate_pos_encoding(models):
+    _, mm = models
+    ids, mask, img, _ = make_batch([10], seed=4)
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True"):
+        mm(pixel_values=torch.randn(1, 3, 48, 48), input_ids=ids, image_embeds_position_mask=img, attention_mask=mask)
+    with pytest.raises(ValueError, match="at least 8 x 8"):
+        mm.encode_images(torch.randn(1, 3, 4, 48), interpolate_pos_encoding=True)
+
+
+def test_sincos_positions_follow_the_grid():
+    """The fixed 2D sin-cos embedding of another grid is that grid's own code (nothing to interpolate)."""
+    from mmcore.models.layers.vit import VisionTransformer, ViTConfig, sincos_2d
+
+    vit = VisionTransformer(ViTConfig(hidden_size=32, intermediate_size=40, num_layers=1, num_heads=4, image_size=32,
+                                      patch_size=8, position_embedding="sincos2d"))  # fmt: skip
+    torch.testing.assert_close(vit.positions(4, 4), sincos_2d(4, 32))
+    table = vit.positions(3, 5)
+    assert table.shape == (16, 32)
+    torch.testing.assert_close(table[1 + 2 * 5 + 4], sincos_2d(5, 32)[1 + 2 * 5 + 4])  # row 2, col 4
+    assert vit(torch.randn(2, 3, 24, 40), interpolate_pos_encoding=True).shape == (2, 16, 32)

@@ -112,6 +112,7 @@ def generate(
     tokens: ops.GroundingTokens | None = None,
     narrow_head: bool = True,
     backend: str | None = None,
+    interpolate_pos_encoding: bool = False,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after left-padded prompts; returns (batch, prompt_len + steps) int64, the
     prompts followed by the new tokens (``pad_token_id`` after a row's EOS), as transformers' ``generate``.
@@ -124,7 +125,7 @@ def generate(
     grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
     the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). backend: force the decoding
-    step's backend.
+    step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
     """
     config = model.config
     mask = _check_prompt(input_ids, attention_mask, image_embeds_position_mask)
@@ -159,7 +160,7 @@ def generate(
     starts = plen - lengths
 
     img_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.bool()[keep]
-    embeds = model._images(pixel_values, image_embeds, img_mask)
+    embeds = model._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
     t = config.text
     cache = KVCache(t.layers, batch, max_len, t.attention_heads, t.head_dim, dtype=model.lm_head_weight.dtype,
                     device=device)  # fmt: skip

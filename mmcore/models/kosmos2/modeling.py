@@ -269,16 +269,17 @@ class Kosmos2ForConditionalGeneration(nn.Module):
 
     # ---- encoders
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """pixel_values (images, 3, H, W) -> image embeddings (images, latent_query_num, D): the ViT's tokens,
-        post-LayerNormed and L2-normalised, through the resampler."""
-        features = F.normalize(self.vision_model(pixel_values), dim=-1)
+        post-LayerNormed and L2-normalised, through the resampler. interpolate_pos_encoding: images of another size
+        than the ViT's, its position embeddings resized (transformers' option of the same name)."""
+        features = F.normalize(self.vision_model(pixel_values, interpolate_pos_encoding), dim=-1)
         return self.image_to_text_projection(features)
 
-    def _images(self, pixel_values, image_embeds, image_mask):
+    def _images(self, pixel_values, image_embeds, image_mask, interpolate_pos_encoding=False):
         """Image embeddings for the True slots of image_mask (checked on CPU tensors: one set of latents each)."""
         if image_embeds is None and pixel_values is not None:
-            image_embeds = self.encode_images(pixel_values)
+            image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
         if image_mask is None:
             if image_embeds is not None:
                 raise ValueError("image_embeds_position_mask is required with pixel_values / image_embeds")
@@ -325,6 +326,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         *,
         image_embeds=None,
         return_logits: bool = True,
+        interpolate_pos_encoding: bool = False,
     ) -> Kosmos2Output:
         """Padded batch, transformers' names. input_ids (batch, seq); attention_mask (batch, seq) 0/1 whose ones are
         contiguous in each row (left or right padding); image_embeds_position_mask (batch, seq) 1 at the
@@ -334,7 +336,8 @@ class Kosmos2ForConditionalGeneration(nn.Module):
 
         Eager, the padding is dropped and the rows packed, so the cost is that of the real tokens; compiled, every
         token is kept so that shapes are static (``PaddedRows``). return_logits=False skips the (batch, seq, vocab)
-        logits (the loss never needs them)."""
+        logits (the loss never needs them). interpolate_pos_encoding: pixel_values of another size than the ViT's
+        (``encode_images``)."""
         ids, mask = _check_padded(input_ids, attention_mask, "input_ids")
         keep = mask.bool()
         rows = PaddedRows(keep, drop_padding=not torch.compiler.is_compiling())
@@ -346,7 +349,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         nonpad = (ids != self.config.text.pad_token_id).long()
         positions = nonpad.cumsum(1) * nonpad + self.config.text.pad_token_id
         layout = PackedLayout.self_attention(rows.cu_seqlens, ids.shape[1])
-        embeds = self._images(pixel_values, image_embeds, img_mask)
+        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
         hidden = self.decode(rows.pack(ids), rows.pack(positions), ids.shape[1] + 2, layout, embeds, img_mask)
         targets = None
         if labels is not None:
@@ -367,11 +370,13 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         *,
         image_embeds=None,
         return_logits: bool = False,
+        interpolate_pos_encoding: bool = False,
     ) -> Kosmos2Output:
         """Several samples in one packed stream (``mmcore.data.packing.collate_kosmos2_packed``): input_ids,
         image_embeds_position_mask, labels (tokens,); cu_seqlens (samples + 1,) int32; pixel_values (images, 3, H,
         W), one per sample with image slots, in order. Attention is causal within each sample, positions restart
-        at each sample, labels shift within each sample. Returns logits (tokens, vocab) only with return_logits."""
+        at each sample, labels shift within each sample. Returns logits (tokens, vocab) only with return_logits;
+        interpolate_pos_encoding as in ``forward``."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1:
             raise ValueError("input_ids must be a 1-D packed tensor (tokens,)")
         if input_ids.is_floating_point():
@@ -389,7 +394,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
                 raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sample")
         layout = PackedLayout.self_attention(cu_seqlens, max_seqlen)
         positions = segment_positions(cu_seqlens, input_ids.numel()) + self.config.text.pad_token_id + 1
-        embeds = self._images(pixel_values, image_embeds, img_mask)
+        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
         hidden = self.decode(input_ids.long(), positions, max_seqlen + 2, layout, embeds, img_mask)
         targets = None
         if labels is not None:

@@ -73,13 +73,16 @@ class ViTConfig:
         return self.grid * self.grid + 1
 
 
-def sincos_2d(grid: int, dim: int) -> torch.Tensor:
-    """(grid*grid + 1, dim) float32: row 0 ([CLS]) zeros; patch (r, c) gets [sin/cos of r | sin/cos of c], each
-    half with frequencies 10000**(-k / (dim/4)), k < dim/4."""
+def sincos_2d(grid: int, dim: int, cols: int | None = None) -> torch.Tensor:
+    """(grid * cols + 1, dim) float32 (cols defaults to grid): row 0 ([CLS]) zeros; patch (r, c) gets
+    [sin/cos of r | sin/cos of c], each half with frequencies 10000**(-k / (dim/4)), k < dim/4."""
     quarter = dim // 4
     freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64),
+        torch.arange(grid if cols is None else cols, dtype=torch.float64),
+        indexing="ij",
+    )
 
     def encode(pos):
         angle = pos.reshape(-1, 1) * freq[None, :]
@@ -140,21 +143,47 @@ class VisionTransformer(nn.Module):
         self.post_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
 
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
-        c, s = self.config.num_channels, self.config.image_size
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != (c, s, s):
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must have shape (batch, {c}, {s}, {s}), got {shape}")
+    def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
+        c, s, p = self.config.num_channels, self.config.image_size, self.config.patch_size
+        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != c:
+            raise ValueError(f"pixel_values must have shape (batch, {c}, H, W), got {shape}")
+        if interpolate_pos_encoding and min(pixel_values.shape[2:]) < p:
+            raise ValueError(f"pixel_values must be at least {p} x {p} pixels (one patch), got {shape}")
+        if not interpolate_pos_encoding and pixel_values.shape[2:] != (s, s):
+            raise ValueError(
+                f"pixel_values must have shape (batch, {c}, {s}, {s}), got {shape} (other sizes: "
+                f"interpolate_pos_encoding=True)"
+            )
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values: (batch, channels, image_size, image_size) -> (batch, num_positions, hidden_size)."""
-        self.check_pixels(pixel_values)
+    def positions(self, rows: int, cols: int) -> torch.Tensor:
+        """(rows * cols + 1, hidden_size): the position embeddings for a grid of rows x cols patches. The model's own
+        grid gets its table; another grid gets the learned table's patch part resized bicubically (align_corners
+        False, as CLIP / transformers' ``interpolate_pos_encoding``; [CLS] kept), or the sin-cos code of that grid."""
+        g = self.config.grid
+        if (rows, cols) == (g, g):
+            return self.position_embedding
+        if not isinstance(self.position_embedding, nn.Parameter):
+            table = sincos_2d(rows, self.config.hidden_size, cols)
+            return table.to(self.position_embedding.device, self.position_embedding.dtype)
+        d = self.position_embedding.shape[-1]
+        grid = self.position_embedding[1:].reshape(1, g, g, d).permute(0, 3, 1, 2)
+        resized = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([self.position_embedding[:1], resized.permute(0, 2, 3, 1).reshape(rows * cols, d)])
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """pixel_values: (batch, channels, image_size, image_size) -> (batch, num_positions, hidden_size).
+        interpolate_pos_encoding: take (batch, channels, H, W) of another size too, with the position embeddings
+        resized to its (H // patch_size) x (W // patch_size) grid (``positions``)."""
+        self.check_pixels(pixel_values, interpolate_pos_encoding)
         dtype = self.patch_embed.weight.dtype
-        patches = self.patch_embed(pixel_values.to(dtype)).flatten(2).transpose(1, 2)  # (batch, grid^2, d)
+        patches = self.patch_embed(pixel_values.to(dtype))  # (batch, d, rows, cols)
+        rows, cols = patches.shape[2:]
+        patches = patches.flatten(2).transpose(1, 2)  # (batch, rows * cols, d)
         cls = self.class_embedding.to(dtype).expand(patches.shape[0], 1, -1)
-        x = torch.cat([cls, patches], dim=1) + self.position_embedding.to(dtype)
+        x = torch.cat([cls, patches], dim=1) + self.positions(rows, cols).to(dtype)
         x = self.pre_norm(x)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
