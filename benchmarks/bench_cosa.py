@@ -254,9 +254,10 @@ def mask_padded(m: COSAModel, ids, attention_mask, probability: float, generator
     return masked, labels
 
 
-def ret_losses(m: COSAModel, ids, attention_mask, feats, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def ret_losses(m: COSAModel, ids, attention_mask, feats, generator, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The original's ``forward_ret``: ITC on the text-only [CLS] against the pooled video, then ITM on (text,
-    video), (text, hard-negative video), (hard-negative text, video), all padded."""
+    video), (text, hard-negative video), (hard-negative text, video), all padded; with ``rows`` (``cret``) only the
+    first rows samples make ITM pairs, the negatives drawn for all."""
     cfg = m.config
     b = ids.shape[0]
     feat_t = F.normalize(F.linear(bert(m, ids, attention_mask)[:, 0], m.contra_head_t.weight), dim=-1)
@@ -267,9 +268,12 @@ def ret_losses(m: COSAModel, ids, attention_mask, feats, generator) -> tuple[tor
            + F.cross_entropy(sim_v2t.float(), targets, label_smoothing=cfg.label_smoothing)) / 2  # fmt: skip
     neg_video = sample_hard_negatives(sim_t2v, targets, generator)
     neg_text = sample_hard_negatives(sim_v2t, targets, generator)
-    pair_ids = torch.cat([ids, ids, ids[neg_text]])
-    pair_mask = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]])
-    pair_video = video_input(m, torch.cat([feats, feats[neg_video], feats]))
+    n = b if rows is None else rows
+    own_ids, own_mask, own_feats = ids[:n], attention_mask[:n], feats[:n]
+    neg_video, neg_text, targets, b = neg_video[:n], neg_text[:n], targets[:n], n
+    pair_ids = torch.cat([own_ids, own_ids, ids[neg_text]])
+    pair_mask = torch.cat([own_mask, own_mask, attention_mask[neg_text]])
+    pair_video = video_input(m, torch.cat([own_feats, feats[neg_video], own_feats]))
     logits = m.itm_head(bert(m, pair_ids, pair_mask, pair_video)[:, 0])
     labels = torch.cat([targets.new_ones(b), targets.new_zeros(2 * b)])
     return itc, cfg.itm_ratio * F.cross_entropy(logits.float(), labels)
@@ -294,7 +298,8 @@ def baseline_losses(m: COSAModel, batch: dict, tokenizer, generator) -> dict:
                     return_tensors="pt")  # fmt: skip
     c_ids, c_mask = enc.input_ids.to(device), enc.attention_mask.to(device)
     vision_c = video_input(m, feats_c)
-    out["itc_concatenated"], out["itm_concatenated"] = ret_losses(m, c_ids, c_mask, feats_c, generator)
+    itm_rows = max(1, b // cfg.concat_itm_divisor)
+    out["itc_concatenated"], out["itm_concatenated"] = ret_losses(m, c_ids, c_mask, feats_c, generator, itm_rows)
 
     masked, labels = mask_padded(m, c_ids, c_mask, cfg.mlm_probability, generator)
     out["mlm_concatenated"] = lm_loss(m, bert(m, masked, c_mask, vision_c), labels)

@@ -254,3 +254,47 @@ def test_greedy_masked_captions_predict_the_appended_mask(model):
         h = model.joint(text, feats, "causal")[-1:]
         first = F.linear(model.mlm_head(h), model.word_embeddings, model.mlm_head.bias).argmax(-1)
     assert ours[0, 0] == 1 and ours[0, 1] == first
+
+
+def test_itm_loss_on_the_first_rows(model):
+    """rows=k (the original's cret): negatives drawn for every sample, pairs made for the first k only."""
+    ids, mask = captions([6, 9, 4, 5, 7, 3], seed=8)
+    text = pack_padded(ids, mask)
+    feats = model.encode_vision(pixels(6))
+    with torch.no_grad():
+        sim_t2v, sim_v2t, targets = model.contrastive(text, feats)
+        ours = model.itm_loss(text, feats, sim_t2v, sim_v2t, targets, torch.Generator().manual_seed(9), rows=2)
+        g = torch.Generator().manual_seed(9)
+        neg_video = sample_hard_negatives(sim_t2v, targets, g)
+        neg_text = sample_hard_negatives(sim_v2t, targets, g)
+        pairs = [(i, i, 1) for i in range(2)] + [(i, int(neg_video[i]), 0) for i in range(2)]
+        pairs += [(int(neg_text[i]), i, 0) for i in range(2)]
+        losses = []
+        for t, v, label in pairs:
+            one = select_segments(text, torch.tensor([t]))
+            logits = model.itm_head(model.joint(one, feats[v : v + 1])[0])
+            losses.append(-torch.log_softmax(logits.double(), 0)[label])
+        ref = torch.stack(losses).mean()
+    assert abs(float(ours) - float(ref)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "divisor, want", [(3, {"origin": None, "concatenated": 2}), (1, {"origin": None, "concatenated": None})]
+)
+def test_concatenated_itm_uses_batch_over_divisor_rows(model, monkeypatch, divisor, want):
+    """The concatenated pass's ITM pairs batch // concat_itm_divisor samples (7 // 3 = 2); the single-sample pass
+    all of them."""
+    seen = {}
+    real = type(model).itm_loss
+
+    def spy(self, text, features, *args, **kw):
+        rows = args[4] if len(args) > 4 else kw.get("rows")
+        seen["concatenated" if features.shape[1] > 1 else "origin"] = rows
+        return real(self, text, features, *args, **kw)
+
+    monkeypatch.setattr(type(model), "itm_loss", spy)
+    monkeypatch.setattr(model.config, "concat_itm_divisor", divisor)
+    ids, mask = captions([6, 9, 4, 5, 7, 3, 8], seed=10)
+    with torch.no_grad():
+        out = model(pixels(7), ids, mask, concat=2, generator=torch.Generator().manual_seed(0))
+    assert seen == want and torch.isfinite(out["itm_concatenated"])

@@ -186,7 +186,9 @@ class COSAConfig:
     the concatenated passes (``ret_cret_ccap_cmlm``); caption_mode: "masked" (the official 60%-masked causal LM) or
     "next_token"; itm_ratio: ITM loss weight (1.0 pretraining, 0.1 retrieval fine-tuning); gather_with_grad: under
     torch.distributed, other ranks' gathered features carry gradients back to them, which makes DDP's update equal
-    one process's on the global batch (default off, as the original's ``ddp_allgather``)."""
+    one process's on the global batch (default off, as the original's ``ddp_allgather``); concat_itm_divisor: the
+    concatenated pass's ITM pairs only the first batch // divisor samples of each rank (3: the original's ``cret``,
+    to save memory; 1: every sample)."""
 
     text: COSATextConfig = field(default_factory=COSATextConfig)
     vision: ViTConfig = field(default_factory=ViTConfig)
@@ -206,6 +208,7 @@ class COSAConfig:
     caption_mode: str = "masked"
     itm_ratio: float = 1.0
     gather_with_grad: bool = False
+    concat_itm_divisor: int = 3
 
     def __post_init__(self):
         if isinstance(self.text, dict):
@@ -214,7 +217,7 @@ class COSAConfig:
             self.vision = ViTConfig(**self.vision)
         if isinstance(self.swin, dict):
             self.swin = TimmSwinConfig(**self.swin)
-        _positive(self, "frame_slots", "contra_dim", "concat", "max_concat_tokens")
+        _positive(self, "frame_slots", "contra_dim", "concat", "max_concat_tokens", "concat_itm_divisor")
         _probability(self, "label_smoothing")
         for name in ("mlm_probability", "caption_probability", "qa_probability"):
             value = getattr(self, name)

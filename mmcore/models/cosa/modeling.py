@@ -352,13 +352,17 @@ class COSAModel(nn.Module):
         targets = offset + torch.arange(t.shape[0], device=t.device)
         return t @ v_all.t() / self.contra_temp, v @ t_all.t() / self.contra_temp, targets
 
-    def itm_loss(self, text, features, sim_t2v, sim_v2t, targets, generator=None) -> torch.Tensor:
+    def itm_loss(self, text, features, sim_t2v, sim_v2t, targets, generator=None, rows: int | None = None):
         """Matching on 3 x batch pairs: (text, its video) label 1; (text, hard-negative video) and (hard-negative
-        text, video) label 0. Negatives come from the global batch, drawn from the softmax similarities."""
+        text, video) label 0. Negatives come from the global batch, drawn from the softmax similarities. rows: only
+        the first ``rows`` samples make pairs (negatives are still drawn for all, as the original's ``cret``)."""
         neg_video = sample_hard_negatives(sim_t2v, targets, generator)
         neg_text = sample_hard_negatives(sim_v2t, targets, generator)
         all_text, _ = gather_packed(text)
         all_features, _ = gather_batch(features, with_grad=self.config.gather_with_grad)
+        if rows is not None:
+            features, targets = features[:rows], targets[:rows]
+            neg_video, neg_text = neg_video[:rows], neg_text[:rows]
         pairs_text = select_segments(all_text, torch.cat([targets, targets, neg_text]))
         pairs_video = torch.cat([features, all_features[neg_video], features])
         hidden = self.joint(pairs_text, pairs_video)
@@ -412,7 +416,10 @@ class COSAModel(nn.Module):
             if "itc" in tasks:
                 out[f"itc_{suffix}"] = itc_loss(sim_t2v, sim_v2t, targets, self.config.label_smoothing)
             if "itm" in tasks:
-                loss = self.itm_loss(text, features, sim_t2v, sim_v2t, targets, generator)
+                rows = None
+                if suffix == "concatenated" and self.config.concat_itm_divisor > 1:
+                    rows = max(1, features.shape[0] // self.config.concat_itm_divisor)
+                loss = self.itm_loss(text, features, sim_t2v, sim_v2t, targets, generator, rows)
                 out[f"itm_{suffix}"] = self.config.itm_ratio * loss
         if "mlm" in tasks:
             out[f"mlm_{suffix}"] = self.mlm_loss(text, features, generator)
