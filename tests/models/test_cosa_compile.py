@@ -9,9 +9,10 @@ import torch
 
 from mmcore.models.cosa import concat as C
 from mmcore.models.cosa import modeling as M
-from tests.models.cosa_tiny import CLS, MASK, SEP, captions, pixels, tiny_cosa
 
 pytest.importorskip("transformers")
+
+from cosa_tiny import CLS, MASK, SEP, captions, pixels, tiny_cosa  # noqa: E402
 
 LENGTHS = [5, 9, 3, 7, 12, 4]  # right-padded to 14 below: every row has padding
 
