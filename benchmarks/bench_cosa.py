@@ -28,8 +28,9 @@ longest, not to ``max_length`` (40 single, 80 joined); the single captions are t
 ITC and ITM passes skip the LM head (the original goes through ``BertForMaskedLM`` and computes its logits on
 every call); the token masker, the hard negatives and the partners are mmcore's vectorised draws on a shared
 ``torch.Generator`` (the original loops in Python with ``random`` / numpy), which is also what makes both sides
-pick the same partners, negatives and masked tokens. Both sides use the whole batch for the concatenated ITM
-(the original's ``cret`` uses its first third). Dropout is 0 (so the two compute the same losses).
+pick the same partners, negatives and masked tokens. Both sides pair the first third of the batch for the
+concatenated ITM, as the original's ``cret`` (``COSAConfig.concat_itm_divisor``). Dropout is 0 (so the two compute
+the same losses).
 
 Before timing, both are run on the same batch and draws and compared: in float64 the losses (and, on the CPU,
 every parameter gradient) must agree to 1e-8 relative (the same computation); in the timed precision the losses
