@@ -246,6 +246,44 @@ def test_greedy_next_token_captions_equal_bert_lm_head_model(model, hf):
         assert all(t == 0 for t in row[end:])
 
 
+@pytest.mark.parametrize("sep_boost", [0.0, 0.2, 0.3])
+@pytest.mark.parametrize("beams, penalty", [(3, 0.6), (2, 1.0), (4, 0.0), (3, 2.0), (3, -1.0)])
+def test_beam_captions_equal_transformers_beam_search(model, hf, beams, penalty, sep_boost):
+    """num_beams > 1 in next-token mode: transformers' beam search on its BERT decoder with the same weights (the
+    original evaluates captions with 3 beams, length penalty 0.6). sep_boost raises [SEP]'s bias in both models so
+    that beams finish at different lengths and the finished-hypothesis rules decide (with this random model's flat
+    logits, 0.2 and 0.3 give captions of 2 to 10 tokens)."""
+    feats = model.encode_vision(pixels(3, 2, seed=7)).detach()
+    with torch.no_grad():
+        model.mlm_head.bias[2] += sep_boost
+        hf.cls.predictions.bias[2] += sep_boost
+        try:
+            ours = model.generate_captions(features=feats, max_new_tokens=10, mode="next_token", num_beams=beams,
+                                           length_penalty=penalty)  # fmt: skip
+            vision = model.vision_tokens(feats)[0].view(3, -1, model.bridge.out_features)
+            ref = hf.generate(input_ids=torch.full((3, 1), 1), encoder_hidden_states=vision,
+                              num_beams=beams, length_penalty=penalty, max_new_tokens=10, do_sample=False,
+                              eos_token_id=2, pad_token_id=0, early_stopping=False, use_cache=False)  # fmt: skip
+        finally:
+            model.mlm_head.bias[2] -= sep_boost
+            hf.cls.predictions.bias[2] -= sep_boost
+    for r in range(3):
+        row, want = ours[r].tolist(), ref[r].tolist()
+        end = want.index(2, 1) + 1 if 2 in want[1:] else len(want)
+        assert row[:end] == want[:end], (r, row, want)
+        assert all(tok == 0 for tok in row[end:])
+
+
+def test_beam_captions_arguments(model):
+    feats = model.encode_vision(pixels(1, 1, seed=4)).detach()
+    with pytest.raises(ValueError, match="num_beams"):
+        model.generate_captions(features=feats, num_beams=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate_captions(features=feats, max_new_tokens=0)
+    one = model.generate_captions(features=feats, max_new_tokens=3, mode="masked", num_beams=2)
+    assert one.shape[0] == 1 and one[0, 0] == 1 and 2 <= one.shape[1] <= 4
+
+
 def test_greedy_masked_captions_predict_the_appended_mask(model):
     feats = model.encode_vision(pixels(1, 1, seed=4)).detach()
     ours = model.generate_captions(features=feats, max_new_tokens=2, mode="masked")

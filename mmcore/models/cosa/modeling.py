@@ -466,28 +466,101 @@ class COSAModel(nn.Module):
         return losses
 
     @torch.no_grad()
-    def generate_captions(self, pixel_values=None, *, features=None, max_new_tokens: int = 40, mode=None):
-        """Greedy captions: (batch, 1 + steps) ids starting with [CLS]; a row stops after [SEP] and is padded with
-        [PAD]. mode "masked" (the official decoding) appends a [MASK] and predicts it at each step; "next_token"
-        predicts from the last token. Every step re-runs the causal pass over the prefix (no KV cache)."""
+    def generate_captions(
+        self,
+        pixel_values=None,
+        *,
+        features=None,
+        max_new_tokens: int = 40,
+        mode=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+    ):
+        """Captions: (batch, 1 + steps) ids starting with [CLS]; a row stops after [SEP] and is padded with [PAD].
+        mode "masked" (the official decoding) appends a [MASK] and predicts it at each step; "next_token" predicts
+        from the last token. num_beams 1: greedy; more: beam search as transformers' ``generate(num_beams=...,
+        length_penalty=..., early_stopping=False)`` (the original evaluates captions with 3 beams and length
+        penalty 0.6). Every step re-runs the causal pass over the prefix (no KV cache)."""
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if features is None:
             features = self.encode_vision(pixel_values)
-        t, mode = self.config.text, mode or self.config.caption_mode
+        mode = mode or self.config.caption_mode
+        if num_beams > 1:
+            return self._beam_captions(features, max_new_tokens, mode, num_beams, float(length_penalty))
+        t = self.config.text
         b = features.shape[0]
         seq = torch.full((b, 1), t.cls_token_id, dtype=torch.long, device=features.device)
         done = torch.zeros(b, dtype=torch.bool, device=features.device)
         for _ in range(max_new_tokens):
-            ids = F.pad(seq, (0, 1), value=t.mask_token_id) if mode == "masked" else seq
-            n = ids.shape[1]
-            text = PackedText(ids.reshape(-1), Segments.uniform(b, n, device=ids.device).cu_seqlens, n)
-            last = self.joint(text, features, "causal").view(b, n, -1)[:, -1]
-            logits = F.linear(self.mlm_head(last), self.word_embeddings, self.mlm_head.bias)
-            token = logits.argmax(-1).masked_fill(done, t.pad_token_id)
+            token = self._next_logits(seq, features, mode).argmax(-1).masked_fill(done, t.pad_token_id)
             seq = torch.cat([seq, token[:, None]], 1)
             done |= token == t.sep_token_id
             if bool(done.all()):
                 break
         return seq
+
+    def _next_logits(self, seq: torch.Tensor, features: torch.Tensor, mode: str) -> torch.Tensor:
+        """(rows, vocab) logits of the next token after each row of ``seq`` (rows, n), row r cross-attending to
+        ``features[r]``."""
+        ids = F.pad(seq, (0, 1), value=self.config.text.mask_token_id) if mode == "masked" else seq
+        rows, n = ids.shape
+        text = PackedText(ids.reshape(-1), Segments.uniform(rows, n, device=ids.device).cu_seqlens, n)
+        last = self.joint(text, features, "causal").view(rows, n, -1)[:, -1]
+        return F.linear(self.mlm_head(last), self.word_embeddings, self.mlm_head.bias)
+
+    def _beam_captions(self, features, max_new_tokens: int, mode: str, k: int, length_penalty: float):
+        """Beam search with transformers' rules: each step keeps the 2k best continuations of the k running beams;
+        a continuation ending in [SEP] (or at the length limit) among the k best is scored sum(log p) / (generated
+        tokens ** length_penalty) and kept if among the k best finished; the search ends once no running beam can
+        beat the worst of k finished ones (its score as if it finished now) or every continuation has ended. The
+        best finished sequence is returned."""
+        t = self.config.text
+        b, dev, big = features.shape[0], features.device, 1.0e9
+        width = 1 + max_new_tokens
+        feats = features.repeat_interleave(k, 0)
+        run = torch.full((b, k, width), t.pad_token_id, dtype=torch.long, device=dev)
+        run[:, :, 0] = t.cls_token_id
+        run_scores = torch.zeros(b, k, device=dev)
+        run_scores[:, 1:] = -big  # the k beams start identical: only the first may spread
+        fin, fin_scores = run.clone(), torch.full((b, k), -big, device=dev)
+        fin_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
+        improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
+        among_best = torch.arange(2 * k, device=dev) < k
+        cur = 1
+        while True:
+            logp = torch.log_softmax(self._next_logits(run[:, :, :cur].reshape(b * k, cur), feats, mode).float(), -1)
+            vocab = logp.shape[-1]
+            total = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
+            cand_scores, flat = total.topk(2 * k, dim=1)
+            beam, token = flat // vocab, flat % vocab
+            cand = run.gather(1, beam[:, :, None].expand(-1, -1, width)).clone()
+            cand[:, :, cur] = token
+            ended = (token == t.sep_token_id) | (cur + 1 >= width)
+            alive = cand_scores - big * ended.float()
+            keep = alive.topk(k, dim=1).indices
+            run = cand.gather(1, keep[:, :, None].expand(-1, -1, width))
+            run_scores = alive.gather(1, keep)
+            just_finished = ended & among_best
+            scored = cand_scores / (cur**length_penalty)  # cur tokens generated, the new one included
+            scored = scored - big * (~improvable).float() - big * (~just_finished).float()
+            merged = torch.cat([fin_scores, scored], 1)
+            best = merged.topk(k, dim=1).indices
+            fin = torch.cat([fin, cand], 1).gather(1, best[:, :, None].expand(-1, -1, width))
+            fin_flag = torch.cat([fin_flag, just_finished], 1).gather(1, best)
+            fin_scores = merged.gather(1, best)
+            cur += 1
+            best_possible = run_scores[:, :1] / ((cur - 1) ** length_penalty)
+            worst = torch.where(fin_flag, fin_scores.min(1, keepdim=True).values, -big)
+            improvable = improvable & (best_possible > worst).any(1, keepdim=True)
+            if not bool(improvable.any()) or bool(ended.all()):
+                break
+        out = fin[:, 0]
+        is_sep = out[:, 1:] == t.sep_token_id
+        lengths = torch.where(is_sep.any(1), is_sep.float().argmax(1) + 2, torch.full_like(out[:, 0], width))
+        return out[:, : int(lengths.max())]
 
 
 def next_token_labels(text: PackedText) -> torch.Tensor:
