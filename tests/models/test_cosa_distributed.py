@@ -41,10 +41,25 @@ def _worker(rank: int, init_file: str) -> None:
         gathered.sum().backward()
         assert x.grad.tolist() == [1.0, 1.0]  # this rank's rows carry gradients
 
+        y = torch.arange(4.0)[local].clone().requires_grad_()
+        gathered, _ = gather_batch(y, with_grad=True)
+        (gathered * torch.arange(1.0, 5.0)).sum().backward()
+        # with_grad: both ranks' losses reach every row (row i's weight i + 1, once per rank)
+        assert y.grad.tolist() == [2.0 * (2 * rank + 1), 2.0 * (2 * rank + 2)]
+
         text, full = pack_padded(ids[local], mask[local]), pack_padded(ids, mask)
         all_text, first = gather_packed(text)
         assert torch.equal(all_text.input_ids, full.input_ids) and torch.equal(all_text.cu_seqlens, full.cu_seqlens)
         assert first == 2 * rank
+
+        # the fixed-shape (compiled) layout, each rank padded to its own width: rows padded to the widest
+        width = 9 if rank == 0 else 6
+        own_ids = torch.nn.functional.pad(ids[local], (0, 2))[:, :width]
+        own_mask = torch.nn.functional.pad(mask[local], (0, 2))[:, :width]
+        all_rows, first = gather_packed(pack_padded(own_ids, own_mask, keep_padding=True))
+        assert all_rows.padded and all_rows.max_seqlen == 9 and first == 2 * rank
+        assert all_rows.lengths.tolist() == [5, 7, 4, 6]
+        assert torch.equal(all_rows.input_ids[all_rows.real()], full.input_ids)
 
         with torch.no_grad():
             feats = model.encode_vision(px)
