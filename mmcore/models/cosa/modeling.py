@@ -33,6 +33,7 @@ from mmcore.models.cosa.concat import (
 from mmcore.models.cosa.config import COSAConfig, COSATextConfig, TimmSwinConfig
 from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
 from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
+from mmcore.models.layers.beam import BeamSearch
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
 
 # ------------------------------------------------------------------------------------------ text encoder
@@ -512,55 +513,16 @@ class COSAModel(nn.Module):
         return F.linear(self.mlm_head(last), self.word_embeddings, self.mlm_head.bias)
 
     def _beam_captions(self, features, max_new_tokens: int, mode: str, k: int, length_penalty: float):
-        """Beam search with transformers' rules: each step keeps the 2k best continuations of the k running beams;
-        a continuation ending in [SEP] (or at the length limit) among the k best is scored sum(log p) / (generated
-        tokens ** length_penalty) and kept if among the k best finished; the search ends once no running beam can
-        beat the worst of k finished ones (its score as if it finished now) or every continuation has ended. The
-        best finished sequence is returned."""
+        """Beam search (``mmcore.models.layers.beam.BeamSearch``, transformers' rules) from [CLS]."""
         t = self.config.text
-        b, dev, big = features.shape[0], features.device, 1.0e9
-        width = 1 + max_new_tokens
+        b = features.shape[0]
+        prompts = torch.full((b, 1), t.cls_token_id, dtype=torch.long, device=features.device)
+        search = BeamSearch(prompts, k, 1 + max_new_tokens, eos_id=t.sep_token_id, fill=t.pad_token_id,
+                            length_penalty=length_penalty)  # fmt: skip
         feats = features.repeat_interleave(k, 0)
-        run = torch.full((b, k, width), t.pad_token_id, dtype=torch.long, device=dev)
-        run[:, :, 0] = t.cls_token_id
-        run_scores = torch.zeros(b, k, device=dev)
-        run_scores[:, 1:] = -big  # the k beams start identical: only the first may spread
-        fin, fin_scores = run.clone(), torch.full((b, k), -big, device=dev)
-        fin_flag = torch.zeros(b, k, dtype=torch.bool, device=dev)
-        improvable = torch.ones(b, 1, dtype=torch.bool, device=dev)
-        among_best = torch.arange(2 * k, device=dev) < k
-        cur = 1
-        while True:
-            logp = torch.log_softmax(self._next_logits(run[:, :, :cur].reshape(b * k, cur), feats, mode).float(), -1)
-            vocab = logp.shape[-1]
-            total = (logp.view(b, k, vocab) + run_scores[:, :, None]).view(b, k * vocab)
-            cand_scores, flat = total.topk(2 * k, dim=1)
-            beam, token = flat // vocab, flat % vocab
-            cand = run.gather(1, beam[:, :, None].expand(-1, -1, width)).clone()
-            cand[:, :, cur] = token
-            ended = (token == t.sep_token_id) | (cur + 1 >= width)
-            alive = cand_scores - big * ended.float()
-            keep = alive.topk(k, dim=1).indices
-            run = cand.gather(1, keep[:, :, None].expand(-1, -1, width))
-            run_scores = alive.gather(1, keep)
-            just_finished = ended & among_best
-            scored = cand_scores / (cur**length_penalty)  # cur tokens generated, the new one included
-            scored = scored - big * (~improvable).float() - big * (~just_finished).float()
-            merged = torch.cat([fin_scores, scored], 1)
-            best = merged.topk(k, dim=1).indices
-            fin = torch.cat([fin, cand], 1).gather(1, best[:, :, None].expand(-1, -1, width))
-            fin_flag = torch.cat([fin_flag, just_finished], 1).gather(1, best)
-            fin_scores = merged.gather(1, best)
-            cur += 1
-            best_possible = run_scores[:, :1] / ((cur - 1) ** length_penalty)
-            worst = torch.where(fin_flag, fin_scores.min(1, keepdim=True).values, -big)
-            improvable = improvable & (best_possible > worst).any(1, keepdim=True)
-            if not bool(improvable.any()) or bool(ended.all()):
-                break
-        out = fin[:, 0]
-        is_sep = out[:, 1:] == t.sep_token_id
-        lengths = torch.where(is_sep.any(1), is_sep.float().argmax(1) + 2, torch.full_like(out[:, 0], width))
-        return out[:, : int(lengths.max())]
+        while not search.done:
+            search.step(torch.log_softmax(self._next_logits(search.sequences, feats, mode).float(), -1))
+        return search.best()
 
 
 def next_token_labels(text: PackedText) -> torch.Tensor:
