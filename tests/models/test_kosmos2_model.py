@@ -354,3 +354,55 @@ def test_sincos_positions_follow_the_grid():
     assert table.shape == (16, 32)
     torch.testing.assert_close(table[1 + 2 * 5 + 4], sincos_2d(5, 32)[1 + 2 * 5 + 4])  # row 2, col 4
     assert vit(torch.randn(2, 3, 24, 40), interpolate_pos_encoding=True).shape == (2, 16, 32)
+
+
+@pytest.fixture(scope="module")
+def eos_models():
+    """A pair whose EOS row of the tied head is pushed up by ``scale`` x 0.02 (copied into mmcore by from_hf), so that
+    beams finish at different lengths and the finished-hypothesis rules decide."""
+    out = {}
+    for scale in (0.0, 3.0, 5.0, 8.0):
+        torch.manual_seed(0)
+        hf = transformers.Kosmos2ForConditionalGeneration(hf_config()).eval()
+        with torch.no_grad():
+            w = hf.get_output_embeddings().weight
+            w[2] += scale * 0.02 * torch.sign(torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1)))
+        out[scale] = (hf, Kosmos2ForConditionalGeneration.from_hf(hf, num_bins=NUM_BINS))
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0, 5.0, 8.0])
+@pytest.mark.parametrize("beams, penalty, ngram", [(3, 0.6, 0), (2, 1.0, 3), (4, 0.0, 3)])
+def test_beam_search_equals_transformers(eos_models, scale, beams, penalty, ngram):
+    """generate(num_beams=k, constrain_boxes=False) equals transformers' beam search (same length penalty, n-gram
+    blocking), with sequences finishing at 1 to 8 new tokens."""
+    hf, mm = eos_models[scale]
+    ids, mask, img, pixels = make_batch([11, 11], seed=3)
+    with torch.no_grad():
+        want = hf.generate(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img, attention_mask=mask,
+                           num_beams=beams, length_penalty=penalty, max_new_tokens=8, do_sample=False,
+                           no_repeat_ngram_size=ngram, eos_token_id=2, pad_token_id=1)  # fmt: skip
+        ours = mm.generate(pixels, ids, img, mask, max_new_tokens=8, constrain_boxes=False, no_repeat_ngram_size=ngram,
+                           num_beams=beams, length_penalty=penalty)  # fmt: skip
+    assert torch.equal(ours, want[:, : ours.shape[1]]) and bool((want[:, ours.shape[1] :] == 1).all())
+
+
+def test_beam_search_keeps_the_box_grammar(models):
+    """With the grammar on, every beam's location tokens come in well-formed boxes; bad arguments are refused."""
+    _, mm = models
+    tokens = ops.GroundingTokens.from_config(mm.config.text, NUM_BINS)
+    ids, mask, img, pixels = make_batch([9, 6], seed=5)
+    with torch.no_grad():
+        # open a box in the prompt so that the grammar has to close it
+        ids = torch.cat([ids, torch.tensor([[tokens.phrase_close], [tokens.phrase_close]])], 1)
+        mask, img = torch.nn.functional.pad(mask, (0, 1), value=1), torch.nn.functional.pad(img, (0, 1))
+        out = mm.generate(pixels, ids, img, mask, max_new_tokens=6, num_beams=3, no_repeat_ngram_size=0)
+    for row in out[:, ids.shape[1] :].tolist():
+        assert row[:4][0] == tokens.object_open and all(tokens.first_loc <= t < tokens.loc_end for t in row[1:3])
+        top, bottom = row[1] - tokens.first_loc, row[2] - tokens.first_loc
+        assert top // NUM_BINS <= bottom // NUM_BINS and top % NUM_BINS <= bottom % NUM_BINS
+        assert row[3] in (tokens.object_close, tokens.delimiter)
+    with pytest.raises(ValueError, match="num_beams"):
+        mm.generate(pixels, ids, img, mask, max_new_tokens=2, num_beams=0)
+    with pytest.raises(ValueError, match="do_sample"):
+        mm.generate(pixels, ids, img, mask, max_new_tokens=2, num_beams=2, do_sample=True)

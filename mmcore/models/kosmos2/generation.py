@@ -70,6 +70,40 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | No
     return logits
 
 
+def _beam_decode(model, last, cache, state, starts, prompts, k, length_penalty, ngram, min_new, constrain, tokens):
+    """The decoding loop of ``generate(num_beams=k)`` after the prefill of batch * k rows: log-softmax of the head,
+    the same bans as the greedy step (n-grams, EOS before ``min_new_tokens``, the box grammar), a ``BeamSearch``
+    step, and the running rows' KV cache and grammar state reordered to follow their beams."""
+    from mmcore.models.layers.beam import BeamSearch
+
+    t, plen = model.config.text, prompts.shape[1]
+    max_len = cache.max_len
+    search = BeamSearch(prompts, k, max_len, eos_id=tokens.eos, fill=tokens.pad, length_penalty=length_penalty)
+    box_state, top_left = state.box_state.clone(), state.top_left.clone()
+    rows = torch.arange(prompts.shape[0] * k, device=prompts.device)
+    ones = torch.ones_like(rows)
+    for step in range(max_len - plen):
+        logp = torch.log_softmax(_head(last, model.lm_head_weight, None), -1)
+        vocab = logp.shape[-1]
+        seqs = search.sequences
+        banned = decoding.ngram_banned_mask(seqs, torch.full_like(starts, seqs.shape[1]), starts, ngram, vocab)
+        if constrain:
+            banned |= ~decoding.box_allowed_mask(box_state, top_left, vocab, tokens)
+        if step < min_new:
+            banned[:, tokens.eos] = True
+        source, chosen = search.step(logp.masked_fill(banned, -torch.inf))
+        if search.done:
+            break
+        cache.k = cache.k.view(cache.k.shape[0], -1, max_len, *cache.k.shape[2:])[:, source].flatten(1, 2)
+        cache.v = cache.v.view(cache.v.shape[0], -1, max_len, *cache.v.shape[2:])[:, source].flatten(1, 2)
+        box_state, top_left = decoding.advance_box_state(box_state[source], top_left[source], chosen, tokens)
+        end = plen + step + 1
+        cache.write_index = rows * max_len + (end - 1)
+        positions = (end - starts) + t.pad_token_id
+        last = model.decode(chosen, positions, max_len + 2, _layout(starts, end, ones, max_len, 1), cache=cache)
+    return search.best()
+
+
 def _check_prompt(input_ids, attention_mask, image_embeds_position_mask):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError("input_ids must be a (batch, prompt_len) tensor with prompt_len >= 1")
@@ -113,6 +147,8 @@ def generate(
     narrow_head: bool = True,
     backend: str | None = None,
     interpolate_pos_encoding: bool = False,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` after left-padded prompts; returns (batch, prompt_len + steps) int64, the
     prompts followed by the new tokens (``pad_token_id`` after a row's EOS), as transformers' ``generate``.
@@ -126,6 +162,9 @@ def generate(
     the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). backend: force the decoding
     step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
+    num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
+    greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
+    finished continuation (``pad_token_id`` after its EOS).
     """
     config = model.config
     mask = _check_prompt(input_ids, attention_mask, image_embeds_position_mask)
@@ -141,6 +180,10 @@ def generate(
         )
     if no_repeat_ngram_size is None:
         no_repeat_ngram_size = config.text.no_repeat_ngram_size
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("num_beams > 1 is beam search: do_sample=True is not supported with it")
     step_options = dict(
         no_repeat_ngram_size=no_repeat_ngram_size,
         min_new_tokens=min_new_tokens,
@@ -152,6 +195,14 @@ def generate(
         backend=backend,
     )
     ids = input_ids.long()
+    if num_beams > 1:  # every prompt k times, row b * k + j = beam j of prompt b; the images are encoded once
+        ids, mask = ids.repeat_interleave(num_beams, 0), mask.repeat_interleave(num_beams, 0)
+        if image_embeds_position_mask is not None:
+            image_embeds_position_mask = image_embeds_position_mask.repeat_interleave(num_beams, 0)
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = model.encode_images(pixel_values, interpolate_pos_encoding)
+        if image_embeds is not None:
+            image_embeds = image_embeds.repeat_interleave(num_beams, 0)
     batch, plen = ids.shape
     device = ids.device
     max_len = plen + max_new_tokens
@@ -175,6 +226,9 @@ def generate(
     last = hidden[lengths.cumsum(0) - 1]
 
     state = ops.DecodeState.create(ids, max_new_tokens, tokens, attention_mask=mask, seed=seed)
+    if num_beams > 1:
+        return _beam_decode(model, last, cache, state, starts, ids[::num_beams], num_beams, float(length_penalty),
+                            no_repeat_ngram_size, min_new_tokens, constrain_boxes, tokens)  # fmt: skip
     check_every = 1 if device.type == "cpu" else FINISHED_CHECK_EVERY
     ones = torch.ones(batch, dtype=torch.long, device=device)
     narrow = narrow_head and constrain_boxes and device.type == "cpu"
