@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ground.add_argument("--device", default="cpu")
     ground.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ground.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    ground.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: greedy)")
     ground.add_argument("--seed", type=int, default=None)
     ground.set_defaults(func=_ground)
     grit = sub.add_parser(

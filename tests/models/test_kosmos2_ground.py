@@ -73,3 +73,12 @@ def test_errors(checkpoint, tmp_path, capsys):
     empty.mkdir()
     assert cli.main(["ground", "--checkpoint", str(checkpoint), "--image", str(empty)]) == 2
     assert "holds no image files" in capsys.readouterr().err
+
+
+def test_beam_search_from_the_command_line(checkpoint, tmp_path, capsys):
+    img = _image(tmp_path / "green.png", (30, 200, 30))
+    argv = ["ground", "--checkpoint", str(checkpoint), "--image", str(img), "--max-new-tokens", "8"]
+    assert cli.main([*argv, "--num-beams", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert cli.main([*argv, "--num-beams", "0"]) == 2
+    assert "num_beams" in capsys.readouterr().err

@@ -146,6 +146,7 @@ def run_cli(args) -> int:
         progress=not single,
         do_sample=args.sample,
         seed=args.seed,
+        num_beams=args.num_beams,
     )
     jsonl = open(out / "results.jsonl", "w") if (out is not None and not single) else None  # noqa: SIM115
     try:
