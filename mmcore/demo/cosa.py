@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from mmcore.demo import data
-from mmcore.demo.kosmos2 import default_threads, lr_at
+from mmcore.demo.common import check_positive_ints, check_threads, default_threads, lr_at, make_optimizer
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4, the words follow
 
@@ -70,10 +70,7 @@ class CosaDemoConfig:
     def __post_init__(self):
         positive = ("steps", "batch_size", "frames", "image_size", "patch_size", "width", "heads", "vision_layers",
                     "text_layers", "max_shapes", "videos", "curve_videos", "eval_every")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CosaDemoConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, positive)
         if self.frames < 2:
             raise ValueError(f"CosaDemoConfig.frames must be at least 2 (concat = frames vs 1), got {self.frames}")
         if self.batch_size < self.frames - 1:
@@ -84,10 +81,7 @@ class CosaDemoConfig:
             raise ValueError(f"CosaDemoConfig.rerank_k must be an int >= 0, got {self.rerank_k!r}")
         if self.curve_videos > self.videos:
             raise ValueError(f"CosaDemoConfig.curve_videos {self.curve_videos} exceeds videos {self.videos}")
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ValueError(f"CosaDemoConfig.threads must be None or a positive int, got {self.threads!r}")
+        check_threads(self)
         if not self.lr > 0:
             raise ValueError(f"CosaDemoConfig.lr must be positive, got {self.lr!r}")
 
@@ -227,10 +221,7 @@ def train(model, tokenizer, config: CosaDemoConfig, *, concat: int, curve_videos
     video, ITC, in percent) at the evaluated steps."""
     from tqdm.auto import tqdm
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    opt = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)  # masks, hard negatives, partners
     history, smooth, r1 = [], None, None
     start = time.perf_counter()

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from mmcore.demo import data
+from mmcore.demo.common import check_positive_ints, check_threads, default_threads, lr_at, make_optimizer
 from mmcore.eval.kosmos2 import phrase_boxes
 from mmcore.eval.refexp import rec_correct
 from mmcore.grounding import extract_entities, to_markdown
@@ -100,20 +101,14 @@ class DemoConfig:
         positive = ("steps", "image_size", "patch_size", "width", "heads", "vision_layers", "text_layers",
                     "latent_query_num", "num_bins", "token_budget", "max_shapes", "eval_every", "curve_expressions",
                     "eval_expressions")  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DemoConfig.{name} must be a positive int, got {value!r}")
+        check_positive_ints(self, positive)
         if self.blind_steps is not None and (not isinstance(self.blind_steps, int) or self.blind_steps < 0):
             raise ValueError(f"DemoConfig.blind_steps must be None or an int >= 0, got {self.blind_steps!r}")
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ValueError(f"DemoConfig.caption_fraction must be in [0, 1], got {self.caption_fraction}")
         if self.location_init not in LOCATION_INITS:
             raise ValueError(f"DemoConfig.location_init must be one of {LOCATION_INITS}, got {self.location_init!r}")
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ValueError(f"DemoConfig.threads must be None or a positive int, got {self.threads!r}")
+        check_threads(self)
         if not 0.0 <= self.curriculum < 1.0:
             raise ValueError(f"DemoConfig.curriculum must be in [0, 1), got {self.curriculum}")
 
@@ -310,14 +305,6 @@ def packed_batches(config: DemoConfig, encoder: Encoder, steps: int) -> Iterator
 # ------------------------------------------------------------------------------------------ training
 
 
-def lr_at(config: DemoConfig, step: int, steps: int) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to a tenth of ``lr`` at ``steps``."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    t = min(1.0, (step - config.warmup_steps) / max(1, steps - config.warmup_steps))
-    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-
-
 def blank_pixels(processor, n: int) -> torch.Tensor:
     """(n, 3, H, W): the processor's pixels of an empty (white) scene, what the blind baseline sees."""
     from PIL import Image
@@ -333,10 +320,7 @@ def train(model, processor, config: DemoConfig, *, steps: int, blind: bool = Fal
     Returns one dict per step: step, loss, loc_accuracy, seconds, and rec_accuracy at the evaluated steps."""
     from tqdm.auto import tqdm
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+    opt = make_optimizer(model, config)
     blank = blank_pixels(processor, 1) if blind else None
     batches = packed_batches(config, Encoder(processor), steps)
     history, smooth, rec = [], None, None
@@ -579,37 +563,6 @@ def save_curve(path: Path, history: Sequence[dict], blind_history: Sequence[dict
 
 
 # ------------------------------------------------------------------------------------------ the run
-
-
-def idle_cores(seconds: float = 0.5) -> float | None:
-    """How many of this process's cores sat idle over the next ``seconds`` (Linux ``/proc/stat``), None where that
-    cannot be read. Unlike the load average, which trails by a minute, this sees the machine as it is now."""
-
-    def read():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, all
-
-    try:
-        idle0, total0 = read()
-        time.sleep(seconds)
-        idle1, total1 = read()
-    except (OSError, ValueError, IndexError):
-        return None
-    cpus = os.cpu_count() or 1
-    return cpus * (idle1 - idle0) / max(1, total1 - total0)
-
-
-def default_threads() -> int:
-    """The cores left idle by other work (``idle_cores``; the load average where that is unavailable), at least one
-    and at most this process's cores. NOTE: on a busy machine one thread is several times faster than two: each of
-    torch's parallel regions waits for its slowest thread's next time slice (measured on 2 cores at load 5:
-    0.66-0.70 s per step with one thread, 3.2-6.3 s with two)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    idle = idle_cores()
-    if idle is None:
-        idle = cores - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
-    return max(1, min(cores, round(idle)))
 
 
 def run(config: DemoConfig, out: Path, *, log=print) -> dict:

@@ -33,8 +33,8 @@ from mmcore.models.cosa.concat import (
 from mmcore.models.cosa.config import COSAConfig, COSATextConfig, TimmSwinConfig
 from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
 from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
-from mmcore.models.layers.beam import BeamSearch
-from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
+from mmcore.models.layers.beam import BeamSearch, check_num_beams
+from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, check_pixels, init_linear_and_norms
 
 # ------------------------------------------------------------------------------------------ text encoder
 
@@ -199,12 +199,7 @@ class TimmSwin(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (batch, 3, img_size, img_size) -> (batch, num_tokens, num_features), the last stage's grid
         in row-major order."""
-        s = self.config.img_size
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1:] != (3, s, s):
-            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must have shape (batch, 3, {s}, {s}), got {shape}")
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        check_pixels(pixel_values, 3, self.config.img_size)
         x = self.swin.forward_features(pixel_values.to(self.swin.patch_embed.proj.weight.dtype))  # (batch, H', W', C)
         return x.flatten(1, 2)
 
@@ -321,13 +316,11 @@ class COSAModel(nn.Module):
     def _token_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the tied LM head on the rows with a label (the others are never projected; under
         torch.compile every row is, the unlabelled ones ignored, so that no shape depends on the data)."""
-        if torch.compiler.is_compiling():
-            return ops.fused_linear_cross_entropy(
-                self.mlm_head(hidden), self.word_embeddings, labels, bias=self.mlm_head.bias
-            )
-        rows = labels != IGNORE_INDEX
+        if not torch.compiler.is_compiling():
+            rows = labels != IGNORE_INDEX
+            hidden, labels = hidden[rows], labels[rows]
         return ops.fused_linear_cross_entropy(
-            self.mlm_head(hidden[rows]), self.word_embeddings, labels[rows], bias=self.mlm_head.bias
+            self.mlm_head(hidden), self.word_embeddings, labels, bias=self.mlm_head.bias
         )
 
     def _mask(self, text: PackedText, probability: float, eligible=None, generator=None):
@@ -482,8 +475,7 @@ class COSAModel(nn.Module):
         from the last token. num_beams 1: greedy; more: beam search as transformers' ``generate(num_beams=...,
         length_penalty=..., early_stopping=False)`` (the original evaluates captions with 3 beams and length
         penalty 0.6). Every step re-runs the causal pass over the prefix (no KV cache)."""
-        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-            raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+        check_num_beams(num_beams)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         if features is None:

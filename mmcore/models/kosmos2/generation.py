@@ -25,6 +25,7 @@ import torch
 
 from mmcore import ops
 from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
+from mmcore.models.layers.beam import BeamSearch, check_num_beams
 from mmcore.ops import decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
@@ -74,8 +75,6 @@ def _beam_decode(model, last, cache, state, starts, prompts, k, length_penalty, 
     """The decoding loop of ``generate(num_beams=k)`` after the prefill of batch * k rows: log-softmax of the head,
     the same bans as the greedy step (n-grams, EOS before ``min_new_tokens``, the box grammar), a ``BeamSearch``
     step, and the running rows' KV cache and grammar state reordered to follow their beams."""
-    from mmcore.models.layers.beam import BeamSearch
-
     t, plen = model.config.text, prompts.shape[1]
     max_len = cache.max_len
     search = BeamSearch(prompts, k, max_len, eos_id=tokens.eos, fill=tokens.pad, length_penalty=length_penalty)
@@ -180,8 +179,7 @@ def generate(
         )
     if no_repeat_ngram_size is None:
         no_repeat_ngram_size = config.text.no_repeat_ngram_size
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    check_num_beams(num_beams)
     if num_beams > 1 and do_sample:
         raise ValueError("num_beams > 1 is beam search: do_sample=True is not supported with it")
     step_options = dict(

@@ -16,13 +16,19 @@ import torch
 BIG = 1.0e9
 
 
+def check_num_beams(beams) -> int:
+    """``num_beams`` must be an int >= 1 (1: no beam search)."""
+    if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+        raise ValueError(f"num_beams must be a positive int, got {beams!r}")
+    return beams
+
+
 class BeamSearch:
     """prompts (batch, prompt_len) int64, the same for a batch item's k beams; ``width`` the longest sequence
     (prompt_len + max_new_tokens); ``fill`` the id after a finished sequence's end."""
 
     def __init__(self, prompts: torch.Tensor, beams: int, width: int, *, eos_id: int, fill: int, length_penalty=1.0):
-        if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
-            raise ValueError(f"num_beams must be a positive int, got {beams!r}")
+        check_num_beams(beams)
         b, start = prompts.shape
         dev, k = prompts.device, beams
         self.k, self.start, self.cur, self.width = k, start, start, width

@@ -92,6 +92,21 @@ def sincos_2d(grid: int, dim: int, cols: int | None = None) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), patches]).float()
 
 
+def check_pixels(pixel_values, channels: int, size: int | None = None, *, min_side: int = 1, hint: str = "") -> None:
+    """pixel_values must be a floating (batch, channels, size, size) tensor; size None: any H, W >= min_side."""
+    shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+    note = f" ({hint})" if hint else ""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
+        want = f"{size}, {size}" if size is not None else "H, W"
+        raise ValueError(f"pixel_values must have shape (batch, {channels}, {want}), got {shape}{note}")
+    if size is not None and pixel_values.shape[2:] != (size, size):
+        raise ValueError(f"pixel_values must have shape (batch, {channels}, {size}, {size}), got {shape}{note}")
+    if min(pixel_values.shape[2:]) < min_side:
+        raise ValueError(f"pixel_values must be at least {min_side} x {min_side} pixels (one patch), got {shape}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+
+
 class ViTAttention(nn.Module):
     """Bidirectional multi-head self-attention; q, k, v from one fused projection."""
 
@@ -144,19 +159,13 @@ class VisionTransformer(nn.Module):
         self.gradient_checkpointing = False
 
     def check_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> None:
-        c, s, p = self.config.num_channels, self.config.image_size, self.config.patch_size
-        shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != c:
-            raise ValueError(f"pixel_values must have shape (batch, {c}, H, W), got {shape}")
-        if interpolate_pos_encoding and min(pixel_values.shape[2:]) < p:
-            raise ValueError(f"pixel_values must be at least {p} x {p} pixels (one patch), got {shape}")
-        if not interpolate_pos_encoding and pixel_values.shape[2:] != (s, s):
-            raise ValueError(
-                f"pixel_values must have shape (batch, {c}, {s}, {s}), got {shape} (other sizes: "
-                f"interpolate_pos_encoding=True)"
-            )
-        if not pixel_values.is_floating_point():
-            raise TypeError(f"pixel_values must be floating point, got {pixel_values.dtype}")
+        """``check_pixels`` with this ViT's channels, and its image size unless interpolate_pos_encoding (then any
+        size of at least one patch)."""
+        c = self.config
+        if interpolate_pos_encoding:
+            check_pixels(pixel_values, c.num_channels, min_side=c.patch_size)
+        else:
+            check_pixels(pixel_values, c.num_channels, c.image_size, hint="other sizes: interpolate_pos_encoding=True")
 
     def positions(self, rows: int, cols: int) -> torch.Tensor:
         """(rows * cols + 1, hidden_size): the position embeddings for a grid of rows x cols patches. The model's own
