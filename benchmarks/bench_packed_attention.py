@@ -1,6 +1,7 @@
 """Packed attention vs the peers: PyTorch SDPA per segment and with a materialised block-diagonal mask on the
 CPU; on a GPU also SDPA's flash / efficient / cuDNN / math backends, FlexAttention (compiled, document mask,
-or_masks for prefix) and flash-attn / xformers when installed.
+or_masks for prefix) and, where xformers can run, its memory-efficient attention with block-diagonal biases (full
+and causal; it has no prefix mask) next to mmcore's "xformers" backend.
 
 FLOP are counted per segment from the visible (query, key) pairs: forward 4 * D * H * pairs (Q K^T and P V),
 backward 2.5x the forward (FlashAttention's convention), so masked work is never counted.
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from _harness import Case, Impl, parse_args, peak_rss_growth, report, run_cases
 
-from mmcore.ops import attention, packed_attention, packed_attention_ref
+from mmcore.ops import attention, available_backends, packed_attention, packed_attention_ref
 from mmcore.ops.attention import visible_mask
 
 
@@ -103,6 +104,17 @@ def flex_packed(q, k, v, cq, ck, lens_q, lens_k, mode, prefix):  # pragma: no co
     return o[0].transpose(0, 1)
 
 
+def xformers_packed(q, k, v, cq, ck, lens_q, lens_k, mode, prefix):  # pragma: no cover - GPU only
+    """xformers' memory_efficient_attention over the packed tokens as one batch-1 row, with the block-diagonal bias
+    (bottom-right causal for causal) built from the lengths on every call, as a caller with changing batches does."""
+    from xformers.ops import fmha
+
+    masks = fmha.attn_bias
+    kind = masks.BlockDiagonalCausalFromBottomRightMask if mode == "causal" else masks.BlockDiagonalMask
+    bias = kind.from_seqlens(list(lens_q), list(lens_k), device=q.device)
+    return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+
+
 # ------------------------------------------------------------------------------------------------ cases
 
 
@@ -178,6 +190,11 @@ def gpu_cases(quick):  # pragma: no cover - GPU only
         ("SDPA per segment", sdpa_per_segment, True),
         ("FlexAttention", flex_packed, True),
     ]
+    with_xformers = [
+        ("mmcore (xformers)", lambda *a: mmcore_packed(*a, backend="xformers"), False),
+        ("xformers", xformers_packed, True),
+    ]
+    xformers_runs = "xformers" in available_backends("packed_attention", "cuda")
     for d in (64, 128):
         for mode in ("causal", "prefix"):
             for bwd in (False, True):
@@ -185,7 +202,8 @@ def gpu_cases(quick):  # pragma: no cover - GPU only
                     f"cuda packed {len(lens)} segs ({sum(lens)} tok) {mode} H{2048 // d}xD{d} bf16 "
                     f"{'fwd+bwd' if bwd else 'fwd'}"
                 )
-                cases.append(packed_case(name, lens, 2048 // d, d, dt, "cuda", mode, bwd, spec))
+                impls = spec + with_xformers if xformers_runs and mode != "prefix" else spec
+                cases.append(packed_case(name, lens, 2048 // d, d, dt, "cuda", mode, bwd, impls))
     return cases
 
 

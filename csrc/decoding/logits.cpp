@@ -14,12 +14,17 @@
 // with GCC/Clang vector extensions and compiled once per ISA (x86-64-v4 AVX-512, x86-64-v3 AVX2, baseline SSE2),
 // picked at load time. float64 (the exact path for tests) is a plain loop.
 //
+// bfloat16 weights with float32 hidden states: the same kernel, each weight vector widened to float32 as it is
+// loaded (exactly: a bfloat16 is a float32's high half). Greedy decoding uses it to screen the vocabulary at half
+// the bytes before computing the few candidate rows exactly (mmcore/ops/logits.py, ScreenedHead).
+//
 // NOTE: the summation order differs from BLAS (W interleaved partial sums per product, reduced at the end, then
 // the scalar tail), so results differ from at::linear in the last bits; the tests bound the error against a
 // float64 reference.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,11 +41,12 @@ namespace {
 
 // Everything the kernel reads and writes; built by decode_logits_cpu after the checks. hidden (B, D) and out
 // (B, R) are contiguous; weight rows have unit stride along D and ldw between rows; bias has R entries or is
-// null. All pointers already point at row_start.
-template <typename T>
+// null. All pointers already point at row_start. WT, the weight's element type, is T, or at::BFloat16 with
+// T = float (the screening head of greedy decoding: half the bytes to stream, each weight widened exactly).
+template <typename T, typename WT = T>
 struct Problem {
   const T* hidden;
-  const T* weight;
+  const WT* weight;
   const T* bias;
   T* out;
   int64_t batch, dim, rows, ldw;
@@ -51,20 +57,32 @@ struct Problem {
 using F4 = float __attribute__((vector_size(16)));
 using F8 = float __attribute__((vector_size(32)));
 using F16 = float __attribute__((vector_size(64)));
+using H4 = uint16_t __attribute__((vector_size(8)));
+using H8 = uint16_t __attribute__((vector_size(16)));
+using H16 = uint16_t __attribute__((vector_size(32)));
+using U4 = uint32_t __attribute__((vector_size(16)));
+using U8 = uint32_t __attribute__((vector_size(32)));
+using U16 = uint32_t __attribute__((vector_size(64)));
 
 template <int W>
 struct VecOf;
 template <>
 struct VecOf<4> {
   using F = F4;
+  using Half = H4;  // W bfloat16 bit patterns
+  using Bits = U4;  // W float32 bit patterns
 };
 template <>
 struct VecOf<8> {
   using F = F8;
+  using Half = H8;  // W bfloat16 bit patterns
+  using Bits = U8;  // W float32 bit patterns
 };
 template <>
 struct VecOf<16> {
   using F = F16;
+  using Half = H16;  // W bfloat16 bit patterns
+  using Bits = U16;  // W float32 bit patterns
 };
 
 template <int W>
@@ -73,6 +91,23 @@ template <int W>
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+
+// W weights as floats: loaded as they are, or bfloat16 widened exactly (its 16 bits are a float's high half).
+template <int W>
+[[gnu::always_inline]] inline typename VecOf<W>::F load_weight(const float* p) {
+  return load<W>(p);
+}
+template <int W>
+[[gnu::always_inline]] inline typename VecOf<W>::F load_weight(const at::BFloat16* p) {
+  typename VecOf<W>::Half half;
+  std::memcpy(&half, p, sizeof(half));
+  const typename VecOf<W>::Bits bits = __builtin_convertvector(half, typename VecOf<W>::Bits) << 16;
+  typename VecOf<W>::F v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+[[gnu::always_inline]] inline float widen(float x) { return x; }
+[[gnu::always_inline]] inline float widen(at::BFloat16 x) { return static_cast<float>(x); }
 
 // Sum of a vector's lanes as a tree of half-width additions: log2(W) vector adds instead of W - 1 dependent scalar
 // adds, and the accumulators stay in registers (a lane loop spilled all MR * NB of them to the stack).
@@ -120,8 +155,8 @@ constexpr int kPrefetchLocality = 2;
 
 // out[b * ldo + r] = dot(hidden row b, weight row r) (+ bias[r]) for r < MR, b < NB. With kPrefetch, also
 // prefetches rows r of pf (same stride and length as w's).
-template <int W, int MR, int NB, bool kPrefetch>
-[[gnu::always_inline]] inline void tile(const float* w, int64_t ldw, const float* pf, const float* h, int64_t ldh,
+template <int W, int MR, int NB, bool kPrefetch, typename WT>
+[[gnu::always_inline]] inline void tile(const WT* w, int64_t ldw, const WT* pf, const float* h, int64_t ldh,
                                         int64_t dim, const float* bias, float* out, int64_t ldo) {
   using F = typename VecOf<W>::F;
   F acc[MR][NB];
@@ -131,7 +166,7 @@ template <int W, int MR, int NB, bool kPrefetch>
   int64_t k = 0;
   for (; k + W <= dim; k += W) {
     F wv[MR];
-    for (int r = 0; r < MR; ++r) wv[r] = load<W>(w + r * ldw + k);
+    for (int r = 0; r < MR; ++r) wv[r] = load_weight<W>(w + r * ldw + k);
     if constexpr (kPrefetch) {
       for (int r = 0; r < MR; ++r) __builtin_prefetch(pf + r * ldw + k, 0, kPrefetchLocality);
     }
@@ -146,7 +181,7 @@ template <int W, int MR, int NB, bool kPrefetch>
   }
   for (; k < dim; ++k) {
     for (int r = 0; r < MR; ++r) {
-      for (int b = 0; b < NB; ++b) sum[r][b] += w[r * ldw + k] * h[b * ldh + k];
+      for (int b = 0; b < NB; ++b) sum[r][b] += widen(w[r * ldw + k]) * h[b * ldh + k];
     }
   }
   for (int r = 0; r < MR; ++r) {
@@ -156,22 +191,22 @@ template <int W, int MR, int NB, bool kPrefetch>
 
 // One tile of MR weight rows from row r against hidden rows [b0, b0 + NB), prefetching unless the rows one
 // panel ahead lie past the range.
-template <int W, int NB, int MR>
-[[gnu::always_inline]] inline void tile_at(const Problem<float>& p, int64_t r, int64_t b0) {
-  const float* w = p.weight + r * p.ldw;
+template <int W, int NB, int MR, typename WT>
+[[gnu::always_inline]] inline void tile_at(const Problem<float, WT>& p, int64_t r, int64_t b0) {
+  const WT* w = p.weight + r * p.ldw;
   const float* h = p.hidden + b0 * p.dim;
   const float* bias = p.bias ? p.bias + r : nullptr;
   float* out = p.out + b0 * p.rows + r;
   if (r + kPrefetchRows + MR <= p.rows) {
     tile<W, MR, NB, true>(w, p.ldw, w + kPrefetchRows * p.ldw, h, p.dim, p.dim, bias, out, p.rows);
   } else {
-    tile<W, MR, NB, false>(w, p.ldw, nullptr, h, p.dim, p.dim, bias, out, p.rows);
+    tile<W, MR, NB, false>(w, p.ldw, static_cast<const WT*>(nullptr), h, p.dim, p.dim, bias, out, p.rows);
   }
 }
 
 // Weight rows [r0, r1) against hidden rows [b0, b0 + NB): tiles of MR rows, then single rows.
-template <int W, int NB>
-[[gnu::always_inline]] inline void rows_x_group(const Problem<float>& p, int64_t r0, int64_t r1, int64_t b0) {
+template <int W, int NB, typename WT>
+[[gnu::always_inline]] inline void rows_x_group(const Problem<float, WT>& p, int64_t r0, int64_t r1, int64_t b0) {
   constexpr int MR = tile_rows<W, NB>();
   int64_t r = r0;
   for (; r + MR <= r1; r += MR) tile_at<W, NB, MR>(p, r, b0);
@@ -179,24 +214,24 @@ template <int W, int NB>
 }
 
 // Output columns [r0, r1): one panel of kPanel weight rows at a time, every hidden group against it.
-template <int W>
-[[gnu::always_inline]] inline void logits_rows_impl(const Problem<float>& p, int64_t r0, int64_t r1) {
+template <int W, typename WT>
+[[gnu::always_inline]] inline void logits_rows_impl(const Problem<float, WT>& p, int64_t r0, int64_t r1) {
   static_assert(kMaxNb == 4, "the switch below covers NB = 1 ... 4");
   for (int64_t pr = r0; pr < r1; pr += kPanel) {
     const int64_t pe = std::min<int64_t>(pr + kPanel, r1);
     for (int64_t b = 0; b < p.batch; b += kMaxNb) {
       switch (std::min<int64_t>(kMaxNb, p.batch - b)) {
         case 1:
-          rows_x_group<W, 1>(p, pr, pe, b);
+          rows_x_group<W, 1, WT>(p, pr, pe, b);
           break;
         case 2:
-          rows_x_group<W, 2>(p, pr, pe, b);
+          rows_x_group<W, 2, WT>(p, pr, pe, b);
           break;
         case 3:
-          rows_x_group<W, 3>(p, pr, pe, b);
+          rows_x_group<W, 3, WT>(p, pr, pe, b);
           break;
         default:
-          rows_x_group<W, 4>(p, pr, pe, b);
+          rows_x_group<W, 4, WT>(p, pr, pe, b);
       }
     }
   }
@@ -213,8 +248,18 @@ template <int W>
 [[gnu::target("arch=x86-64-v4")]] void logits_rows(const Problem<float>& p, int64_t r0, int64_t r1) {
   logits_rows_impl<16>(p, r0, r1);
 }
+[[gnu::target("default")]] void logits_rows(const Problem<float, at::BFloat16>& p, int64_t r0, int64_t r1) {
+  logits_rows_impl<4>(p, r0, r1);
+}
+[[gnu::target("arch=x86-64-v3")]] void logits_rows(const Problem<float, at::BFloat16>& p, int64_t r0, int64_t r1) {
+  logits_rows_impl<8>(p, r0, r1);
+}
+[[gnu::target("arch=x86-64-v4")]] void logits_rows(const Problem<float, at::BFloat16>& p, int64_t r0, int64_t r1) {
+  logits_rows_impl<16>(p, r0, r1);
+}
 #else
 void logits_rows(const Problem<float>& p, int64_t r0, int64_t r1) { logits_rows_impl<4>(p, r0, r1); }
+void logits_rows(const Problem<float, at::BFloat16>& p, int64_t r0, int64_t r1) { logits_rows_impl<4>(p, r0, r1); }
 #endif
 
 // float64: the exact path, a plain loop.
@@ -236,10 +281,10 @@ void logits_rows(const Problem<double>& p, int64_t r0, int64_t r1) {
 constexpr int64_t kGrainRows = 64;
 
 // weight: the selected rows (R, D), unit stride along D; bias: (R,) or none.
-template <typename T>
+template <typename T, typename WT = T>
 void run(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias, at::Tensor& out) {
-  const Problem<T> p{hidden.const_data_ptr<T>(),
-                     weight.const_data_ptr<T>(),
+  const Problem<T, WT> p{hidden.const_data_ptr<T>(),
+                     weight.const_data_ptr<WT>(),
                      bias ? bias->const_data_ptr<T>() : nullptr,
                      out.data_ptr<T>(),
                      hidden.size(0),
@@ -257,8 +302,9 @@ at::Tensor decode_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                     "hidden (B, D) and weight (V, D) must share D, got ", hidden.sizes(), " and ", weight.sizes());
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble, "hidden must be float32 or float64, got ", dtype);
-  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, "weight must share hidden's dtype ", dtype, ", got ",
-                   weight.scalar_type());
+  const bool bf16_weight = dtype == at::kFloat && weight.scalar_type() == at::kBFloat16;
+  TORCH_CHECK_TYPE(weight.scalar_type() == dtype || bf16_weight, "weight must share hidden's dtype ", dtype,
+                   " (or be bfloat16 with float32 hidden), got ", weight.scalar_type());
   TORCH_CHECK_VALUE(hidden.device().is_cpu() && weight.device().is_cpu(), "decode_logits_cpu needs CPU tensors, got ",
                     hidden.device(), " and ", weight.device());
   const int64_t vocab = weight.size(0);
@@ -281,7 +327,9 @@ at::Tensor decode_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight,
   const std::optional<at::Tensor> b =
       bias.has_value() ? std::optional<at::Tensor>(bias->narrow(0, row_start, rows).contiguous()) : std::nullopt;
   at::Tensor out = at::empty({hidden.size(0), rows}, hidden.options());
-  if (dtype == at::kFloat) {
+  if (bf16_weight) {
+    run<float, at::BFloat16>(h, w, b, out);
+  } else if (dtype == at::kFloat) {
     run<float>(h, w, b, out);
   } else {
     run<double>(h, w, b, out);

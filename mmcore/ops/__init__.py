@@ -1,7 +1,8 @@
 """mmcore's functional API and the dispatch between its backends.
 
-``available_backends(op_name, device=None)`` lists which of ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``
-can run an op here; every op takes ``backend=`` (or reads ``MMCORE_BACKEND``) to force one.
+``available_backends(op_name, device=None)`` lists which of ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"`` (and,
+for packed attention when installed, ``"flash_attn"`` and ``"xformers"``) can run an op here; every op takes
+``backend=`` (or reads ``MMCORE_BACKEND``) to force one.
 """
 
 from mmcore.ops import _library  # noqa: F401, I001  (schemas first: the extension registers kernels for them)
@@ -15,7 +16,7 @@ from mmcore.ops.grounding import (
     loc_indices_to_boxes_ref,
 )
 from mmcore.ops.decoding import DecodeState, GroundingTokens, grounded_decode_step, grounded_decode_step_ref
-from mmcore.ops.logits import decode_logits, decode_logits_ref, linear
+from mmcore.ops.logits import ScreenedHead, decode_logits, decode_logits_ref, linear
 
 __all__ = [
     "MODES",
@@ -37,6 +38,7 @@ __all__ = [
     "GroundingTokens",
     "grounded_decode_step",
     "grounded_decode_step_ref",
+    "ScreenedHead",
     "decode_logits",
     "decode_logits_ref",
     "linear",

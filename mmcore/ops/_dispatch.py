@@ -208,8 +208,9 @@ def default_device_type() -> str:
 
 
 def available_backends(op_name: str, device: str | torch.device | None = None) -> list[str]:
-    """The backends among ``("triton", "cuda", "cpp", "torch")`` that can run ``op_name`` here, in default
-    order, for tensors on ``device`` (default: ``cuda`` when a GPU is visible, else ``cpu``). On CPU,
+    """The backends among ``BACKENDS`` that can run ``op_name`` here, in default order, for tensors on ``device``
+    (default: ``cuda`` when a GPU is visible, else ``cpu``); ``"flash_attn"`` and ``"xformers"`` only where those
+    packages are installed and can run on the GPU. On CPU,
     ``"triton"`` appears only under ``TRITON_INTERPRET=1``, and default dispatch still never picks it."""
     if op_name not in _OPS:
         raise ValueError(f"unknown op {op_name!r}; mmcore ops: {', '.join(sorted(_OPS))}")

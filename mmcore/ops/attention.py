@@ -12,6 +12,9 @@ each other when
 
 Query head h reads key/value head ``h // (heads // heads_kv)`` (GQA). A row with no visible key gives zeros
 and log-sum-exp +inf. Dropout keeps an element by the counter-based draw of ``mmcore.ops._philox``.
+
+Backends, in default order: "triton" (kernels/packed_attention.py), the optional peers "flash_attn" and
+"xformers" (CUDA, half types, full and causal, no dropout), "cpp" (mmcore._C, CPU), "torch" (the reference).
 """
 
 from __future__ import annotations
@@ -419,6 +422,190 @@ def _run_flash_attn(
     return out, lse
 
 
+def _segment_lengths(cu_seqlens) -> list[int]:
+    """Per-segment lengths as Python ints (a host read: a device sync for CUDA tensors)."""
+    c = cu_seqlens.tolist()
+    return [b - a for a, b in zip(c, c[1:], strict=False)]
+
+
+def _xformers_layout_refusal(lens_q: list[int], lens_k: list[int], mode: int) -> str | None:
+    """Why xformers' block-diagonal biases cannot give mmcore's masks for this layout, or None.
+
+    Every layout xformers accepts here leaves each query at least one visible key, so its kernels never meet a
+    row with no visible key (mmcore gives zeros there; xformers does not promise anything)."""
+    for s, (lq, lk) in enumerate(zip(lens_q, lens_k, strict=True)):
+        if lq > 0 and lk == 0:
+            return f"segment {s} has {lq} queries and no keys (xformers does not define what such rows give)"
+        if mode == MODES["causal"] and lq > lk:
+            return (
+                f"causal segment {s} has more queries ({lq}) than keys ({lk}): xformers' bottom-right causal mask "
+                f"needs queries <= keys per segment"
+            )
+    return None
+
+
+def _xformers_supports(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    reason = _peer_supports(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        mode,
+        prefix_lens,
+        softmax_scale,
+        dropout_p,
+        seed,
+        offset,
+    )
+    if reason is not None:
+        return reason
+    if torch.compiler.is_compiling():
+        return "its bias is built from segment lengths read on the host, which a traced graph cannot do"
+    return _xformers_layout_refusal(_segment_lengths(cu_seqlens_q), _segment_lengths(cu_seqlens_k), mode)
+
+
+def _xformers_needs(device_type: str) -> str | None:
+    # NOTE: xformers 0.0.35 refuses every CUDA tensor ("xFormers wasn't build with CUDA support") when its compiled
+    # library xformers._C did not load -- it links libcudart.so.12 -- even though the attention kernels it would
+    # call are PyTorch's own (aten._flash_attention_forward, aten._efficient_attention_forward).
+    import xformers._cpp_lib
+
+    if xformers._cpp_lib._built_with_cuda:
+        return None
+    return (
+        "xformers' compiled library (xformers._C) did not load with CUDA here, so xformers refuses CUDA tensors "
+        "(python -m xformers.info shows its build)"
+    )
+
+
+def _xformers_bias(lens_q: list[int], lens_k: list[int], causal: bool, device: torch.device):
+    """xformers' block-diagonal bias for mmcore's full or causal (bottom-right aligned) segments."""
+    from xformers.ops import fmha
+
+    kind = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask if causal else fmha.attn_bias.BlockDiagonalMask
+    return kind.from_seqlens(lens_q, lens_k, device=device)
+
+
+def _xformers_lse(lse: torch.Tensor, lens_q: list[int]) -> torch.Tensor:
+    """xformers' varlen log-sum-exp -> mmcore's (heads, total_q) float32.
+
+    xformers returns it packed, (1, [groups,] heads, >= total_q) (its flash operators), or padded,
+    (segments, [groups,] heads, >= max Lq) (its cutlass operators); with one segment the two agree."""
+    lse = lse.flatten(1, -2)  # groups and heads-per-group back to mmcore's head order
+    total = sum(lens_q)
+    if lse.shape[0] == 1:
+        return lse[0, :, :total].float().contiguous()
+    if lse.shape[0] != len(lens_q):
+        raise RuntimeError(
+            f"xformers returned a log-sum-exp of shape {tuple(lse.shape)}, neither packed (1, heads, >= {total}) "
+            f"nor padded ({len(lens_q)}, heads, >= {max(lens_q)})"
+        )
+    seg = torch.repeat_interleave(torch.arange(len(lens_q)), torch.tensor(lens_q, dtype=torch.int64))
+    starts = torch.tensor([0, *lens_q[:-1]], dtype=torch.int64).cumsum(0)
+    pos = torch.arange(total) - starts[seg]
+    return lse[seg.to(lse.device), :, pos.to(lse.device)].transpose(0, 1).float().contiguous()
+
+
+def _xformers_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, copied only where xformers' kernels would refuse its strides (last dim contiguous, heads 8-aligned)."""
+    return t if t.stride(-1) == 1 and t.stride(-2) % 8 == 0 else t.contiguous()
+
+
+class _XformersAttention(torch.autograd.Function):
+    """xformers' varlen attention returning (out, lse) in mmcore's layout; gradients from xformers' backward.
+
+    Batch 1 with a block-diagonal bias; GQA as xformers' (1, total, heads_kv, group, head_dim) layout with k/v
+    broadcast over the group (no copy) in the forward. xformers 0.0.35 has no backward for that layout, so the
+    backward repeats k/v to all heads and sums dk/dv over each group."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lens_q, lens_k, causal, scale):
+        from xformers.ops import fmha
+
+        total_q, heads, head_dim = q.shape
+        total_k, heads_kv, _ = k.shape
+        group = heads // heads_kv
+        ctx.group, ctx.scale = group, scale
+        if total_q == 0:
+            ctx.save_for_backward(q, k, v)
+            ctx.bias = None
+            return q.new_zeros(q.shape), q.new_zeros((heads, 0), dtype=torch.float32)
+        q, k, v = _xformers_aligned(q), _xformers_aligned(k), _xformers_aligned(v)
+        bias = _xformers_bias(lens_q, lens_k, causal, q.device)
+        if group == 1:
+            q_, k_, v_ = q[None], k[None], v[None]
+        else:
+            q_ = q.view(1, total_q, heads_kv, group, head_dim)
+            k_, v_ = (t.view(1, total_k, heads_kv, 1, head_dim).expand(-1, -1, -1, group, -1) for t in (k, v))
+        out, lse = fmha.memory_efficient_attention_forward_requires_grad(q_, k_, v_, bias, scale=scale)
+        out = out.reshape(q.shape)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.bias = bias
+        lse_out = _xformers_lse(lse, lens_q)
+        ctx.mark_non_differentiable(lse_out)
+        return out, lse_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, _dlse):
+        if ctx.bias is None:  # no queries: nothing depends on k, v
+            q, k, v = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None, None
+        from xformers.ops import fmha
+
+        q, k, v, out, lse = ctx.saved_tensors
+        heads_kv, group = k.shape[1], ctx.group
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        dq, dk, dv = fmha.memory_efficient_attention_backward(
+            dout.contiguous()[None], out[None], lse.flatten(1, -2), q[None], k[None], v[None], ctx.bias, scale=ctx.scale
+        )
+        dq, dk, dv = dq[0], dk[0], dv[0]
+        if group > 1:  # NOTE: torch sums half tensors in float32 and rounds once
+            dk, dv = dk.unflatten(1, (heads_kv, group)).sum(2), dv.unflatten(1, (heads_kv, group)).sum(2)
+        return dq, dk, dv, None, None, None, None
+
+
+def _run_xformers(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    mode,
+    prefix_lens,
+    softmax_scale,
+    dropout_p,
+    seed,
+    offset,
+):
+    """xformers' memory-efficient attention with a block-diagonal bias (bottom-right causal for causal).
+
+    Its biases are built from Python lists of segment lengths, so every call reads cu_seqlens on the host (a
+    device sync, in the per-call check and again here) and copies the offsets back to the device."""
+    lens_q, lens_k = _segment_lengths(cu_seqlens_q), _segment_lengths(cu_seqlens_k)
+    return _XformersAttention.apply(q, k, v, lens_q, lens_k, mode == MODES["causal"], softmax_scale)
+
+
 PACKED_ATTENTION = Op(
     "packed_attention",
     [
@@ -431,6 +618,14 @@ PACKED_ATTENTION = Op(
             auto_on_cpu=False,
         ),
         Backend("flash_attn", _run_flash_attn, ("cuda",), (torch.float16, torch.bfloat16), check=_peer_supports),
+        Backend(
+            "xformers",
+            _run_xformers,
+            ("cuda",),
+            (torch.float16, torch.bfloat16),
+            check=_xformers_supports,
+            needs=_xformers_needs,
+        ),
         Backend("cpp", _run_cpp, ("cpu",), _DTYPES, needs=extension_kernel("packed_attention_fwd")),
         Backend("torch", _run_torch, ("cpu", "cuda"), _DTYPES),
     ],

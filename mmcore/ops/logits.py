@@ -101,15 +101,17 @@ def _check(hidden, weight, bias, rows) -> tuple[int, int]:
         raise ValueError(
             f"hidden (B, D) and weight (V, D) must share D, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype and (hidden.dtype, weight.dtype) != (torch.float32, torch.bfloat16):
+        raise TypeError(
+            f"hidden and weight must share a dtype (or be float32 and bfloat16), got {hidden.dtype} and {weight.dtype}"
+        )
     vocab = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (vocab,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({vocab},), got {got}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must share hidden's dtype {hidden.dtype}, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight and bias must be on one device, got {sorted(map(str, devices))}")
@@ -165,3 +167,89 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ):
         return decode_logits(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+# ------------------------------------------------------------------------------------ screened greedy head
+
+# float32's unit roundoff.
+_U32 = 2.0**-24
+# Rows compared on every reuse, to notice weights rewritten through ``.data`` (which the version counter misses).
+_SCREEN_SAMPLE_ROWS = 16
+# Weight rows per chunk when the error constants are computed at construction (bounds the temporaries).
+_SCREEN_CHUNK_ROWS = 8192
+
+
+class ScreenedHead:
+    """The float32 output head of greedy decoding, screened at half the bytes: for each hidden state, bounds on
+    every logit from a bfloat16 copy of the weight, so that only the few rows that can still be the largest need
+    the float32 product -- and the token chosen is the one the float32 head chooses.
+
+    The bound. For weight row w (float32), its bfloat16 copy w' = w + e (e known at construction) and a hidden
+    state h (float32, D entries), the float32 logits the kernel computes, L = fl(h.w) and L' = fl(h.w'), satisfy
+    (any summation order; Higham, *Accuracy and Stability of Numerical Algorithms*, section 3.1):
+
+        |L - L'| <= |h.e| + g * sum|h||w| + g * sum|h||w'| <= ||h|| * (||e|| + g * (||w|| + ||w'||)),
+
+    with g = D u / (1 - D u), u = 2**-24 (Cauchy-Schwarz for the sums). ``row_error`` holds the bracket per row
+    (its float32 norms inflated by their own rounding error, plus a slack of 16 u max ||w|| that covers the
+    float32 arithmetic of the bounds themselves), so ``approx - err <= L <= approx + err`` with
+    ``err = ||h|| * row_error``. A row whose upper bound is below the largest lower bound among the tokens the step
+    allows cannot be chosen; the rest (a handful: bfloat16 keeps 8 bits, so err is ~0.2 % of ||h|| ||w||) are
+    computed exactly with the same kernel, whose value for a row does not depend on which other rows it computes.
+    mmcore.models.kosmos2.generation uses it.
+
+    weight: (V, D) float32 on the CPU. Holds the bfloat16 copy (half the weight's bytes) and (V,) float32 errors.
+    ``matches(weight)`` tells whether it was built from this tensor in its current state. Needs the C++ kernel
+    (``available()``): the exact rows must be computed the way the whole head is.
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
+            raise TypeError("ScreenedHead needs a (V, D) float32 weight")
+        if weight.device.type != "cpu":
+            raise ValueError(f"ScreenedHead runs on the CPU (the bfloat16 kernel is C++), got {weight.device}")
+        with torch.no_grad():
+            self.weight = weight.detach()
+            self.low = self.weight.to(torch.bfloat16)
+            dim = weight.shape[1]
+            g = dim * _U32 / (1 - dim * _U32)
+            err = torch.empty(weight.shape[0])
+            top = 0.0
+            for r in range(0, weight.shape[0], _SCREEN_CHUNK_ROWS):
+                w = self.weight[r : r + _SCREEN_CHUNK_ROWS]
+                low = self.low[r : r + _SCREEN_CHUNK_ROWS].float()
+                norm = w.norm(dim=1)
+                # w - low is exact in float32 (the bits bfloat16 dropped); each norm is within g of its value.
+                err[r : r + w.shape[0]] = (w - low).norm(dim=1) + g * (norm + low.norm(dim=1))
+                top = max(top, float(norm.max()) if norm.numel() else 0.0)
+            # The norms' own rounding (within g each) and the sums': a relative 4 g and 2**-20 on top.
+            self.row_error = (err + 16 * _U32 * top) * ((1 + 4 * g) * (1 + 2**-20))
+            self._norm_factor = 1 + 4 * g  # ||h|| computed in float32 (a sum of D squares, then a square root)
+            self._underflow = dim * 2.0**-126  # products and sums in the subnormal range: absolute errors
+        self._key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
+        self._sample_rows = torch.linspace(0, weight.shape[0] - 1, min(_SCREEN_SAMPLE_ROWS, weight.shape[0])).long()
+        self._sample = self.weight[self._sample_rows].clone()
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the C++ kernel is built (the head is then computed by it, screened or whole)."""
+        return _CPP_ON_CPU
+
+    def matches(self, weight: torch.Tensor) -> bool:
+        """Same tensor, same version counter, same sampled rows. NOTE: writes through ``weight.data`` bypass the
+        version counter; the sampled rows catch a reload of the weights, not an edit of a few other rows -- after
+        such an edit, build a new ScreenedHead (or generate with ``screen_head=False``)."""
+        if self._key != (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride())):
+            return False
+        return torch.equal(weight.detach()[self._sample_rows], self._sample)
+
+    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32."""
+        approx = decode_logits(hidden, self.low, backend="cpp")
+        err = torch.outer(hidden.norm(dim=1) * self._norm_factor, self.row_error).add_(self._underflow)
+        return approx - err, approx + err
+
+    def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, len(rows)) float32: the float32 logits of vocabulary ids ``rows``, bit for bit what ``decode_logits``
+        gives for them over the whole head."""
+        return decode_logits(hidden, self.weight.index_select(0, rows), backend="cpp")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmcore import ops
-from mmcore.models.kosmos2 import Kosmos2Config, Kosmos2ForConditionalGeneration
+from mmcore.models.kosmos2 import Kosmos2Config, Kosmos2ForConditionalGeneration, generation
 from mmcore.models.kosmos2.modeling import segment_positions, shift_targets
 
 transformers = pytest.importorskip("transformers")
@@ -229,6 +229,48 @@ def test_narrow_head_greedy_same_tokens(models):
     runs = [mm.generate(pixels, ids, img, mask, max_new_tokens=12, narrow_head=n) for n in (True, False)]
     assert torch.equal(*runs)
     assert bool((runs[0][:, ids.shape[1]] == tokens.object_open).all())
+
+
+@pytest.mark.skipif(not ops.ScreenedHead.available(), reason="mmcore._C has no decode_logits kernel")
+@pytest.mark.parametrize("lengths", [[9], [9, 7], [9, 7, 8, 5]], ids=["batch1", "batch2", "batch4"])
+@pytest.mark.parametrize("ngram, constrain", [(3, True), (0, False), (1, True)], ids=["ngram3", "free", "ngram1"])
+def test_screened_head_greedy_same_tokens(models, monkeypatch, lengths, ngram, constrain):
+    """The bfloat16-screened head changes no token (left padding, n-gram bans, the grammar, a minimum length), and
+    it did screen: most steps computed only a few rows exactly."""
+    _, mm = models
+    tokens = ops.GroundingTokens.from_config(mm.config.text, NUM_BINS)
+    ids, mask, img, pixels = make_batch(lengths, seed=21)
+    if len(lengths) > 1:  # one row in a box, the others not: the grammar narrows nothing, the screen does
+        ids[0, -1] = tokens.phrase_close
+    screened = []
+    real = generation._screened_logits
+
+    def spy(*args):
+        out = real(*args)
+        screened.append(None if out is None else int(torch.isfinite(out[0]).sum()))
+        return out
+
+    monkeypatch.setattr(generation, "_screened_logits", spy)
+    kw = dict(max_new_tokens=14, min_new_tokens=6, no_repeat_ngram_size=ngram, constrain_boxes=constrain)
+    on = mm.generate(pixels, ids, img, mask, **kw)
+    narrowed = [n for n in screened if n is not None]
+    off = mm.generate(pixels, ids, img, mask, screen_head=False, **kw)
+    assert torch.equal(on, off)
+    assert len(narrowed) >= len(screened) // 2 > 0, screened
+    assert max(narrowed) <= mm.config.text.vocab_size // 8
+
+
+def test_screened_head_rebuilt_when_the_weights_change(models):
+    _, mm = models
+    ids, mask, img, pixels = make_batch([8], seed=22)
+    mm.generate(pixels, ids, img, mask, max_new_tokens=3)
+    first = mm._screened_head
+    mm.generate(pixels, ids, img, mask, max_new_tokens=3)
+    assert mm._screened_head is first, "reused while the weights are unchanged"
+    with torch.no_grad():
+        mm.lm_head_weight.mul_(1.0)
+    mm.generate(pixels, ids, img, mask, max_new_tokens=3)
+    assert mm._screened_head is not first
 
 
 def test_packed_equals_per_sample(models):

@@ -29,6 +29,12 @@ from mmcore.models.layers.beam import BeamSearch, check_num_beams
 from mmcore.ops import decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
+# Greedy steps of batches up to this size screen the head in bfloat16 (``ops.ScreenedHead``). Measured
+# (one thread, V = 65,037, D = 512): the bfloat16 product takes 3.4 ms against the float32 6.6 ms at batch 1, but
+# 10.2 against 8.2 ms at batch 8, where the product is no longer bound by reading the weight.
+SCREEN_MAX_BATCH = 4
+# A screen that leaves more than this fraction of the vocabulary is not worth its gather: the whole head instead.
+SCREEN_MAX_FRACTION = 1 / 8
 
 
 def _layout(starts, end: int, new: torch.Tensor, max_len: int, max_new: int) -> PackedLayout:
@@ -68,6 +74,42 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | No
         return ops.decode_logits(hidden, weight).float()
     logits = torch.full((hidden.shape[0], weight.shape[0]), -torch.inf, dtype=torch.float32, device=hidden.device)
     logits[:, rows[0] : rows[1]] = ops.decode_logits(hidden, weight, rows=rows).float()
+    return logits
+
+
+def _screen(model) -> ops.ScreenedHead:
+    """The model's screened head, built on first use and rebuilt when the weight changes (moved, trained)."""
+    weight = model.lm_head_weight
+    screen = getattr(model, "_screened_head", None)
+    if screen is None or not screen.matches(weight):
+        screen = ops.ScreenedHead(weight)
+        model._screened_head = screen
+    return screen
+
+
+def _screened_logits(screen, hidden, state, tokens, step_options) -> torch.Tensor | None:
+    """A greedy step's logits: exact float32 for every token that may still be the step's choice, -inf for the
+    rest, so the step chooses what it chooses on the whole head (``ops.ScreenedHead``); None when the screen leaves
+    too much (compute the whole head).
+
+    The tokens the step allows come from a dry run of the step itself, on a copy of the state, with the lower bounds
+    as logits: its scores are the lower bounds where allowed and -inf where the grammar, n-gram blocking or the
+    minimum length bans. Row r keeps the allowed tokens whose upper bound reaches its largest allowed lower bound.
+    (A row with every token banned scores the grammar's tokens 0 in both runs and takes the first: the same.)"""
+    lower, upper = screen.bounds(hidden)
+    if not bool(torch.isfinite(upper - lower).all()):
+        return None
+    _, scores = ops.grounded_decode_step(lower, state.clone(), tokens, return_scores=True, **step_options)
+    live = ~state.finished
+    floor = scores.amax(1, keepdim=True)
+    if not bool(torch.isfinite(floor[live]).all()):
+        return None
+    keep = (upper >= floor) & (scores > -torch.inf)
+    rows = keep[live].any(0).nonzero().squeeze(1)
+    if rows.numel() > SCREEN_MAX_FRACTION * lower.shape[1]:
+        return None
+    logits = torch.full_like(lower, -torch.inf)
+    logits[:, rows] = screen.exact(hidden, rows)
     return logits
 
 
@@ -144,6 +186,7 @@ def generate(
     image_embeds=None,
     tokens: ops.GroundingTokens | None = None,
     narrow_head: bool = True,
+    screen_head: bool = True,
     backend: str | None = None,
     interpolate_pos_encoding: bool = False,
     num_beams: int = 1,
@@ -159,7 +202,10 @@ def generate(
     output equals transformers'. seed: the sampling key (default drawn from torch's generator). tokens: the
     grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
     the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
-    allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). backend: force the decoding
+    allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). screen_head: greedy on the
+    CPU, batch <= ``SCREEN_MAX_BATCH``, float32: bound every logit from a bfloat16 copy of the head and compute
+    only the rows that can still be chosen (``ops.ScreenedHead``; same tokens, half the bytes; the copy, half the
+    head's size, is built on the first call and kept on the model). backend: force the decoding
     step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
     num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
     greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
@@ -230,8 +276,24 @@ def generate(
     check_every = 1 if device.type == "cpu" else FINISHED_CHECK_EVERY
     ones = torch.ones(batch, dtype=torch.long, device=device)
     narrow = narrow_head and constrain_boxes and device.type == "cpu"
+    screen = None
+    weight = model.lm_head_weight
+    if (
+        screen_head
+        and not do_sample
+        and device.type == "cpu"
+        and batch <= SCREEN_MAX_BATCH
+        and weight.dtype == last.dtype == torch.float32
+        and ops.ScreenedHead.available()
+    ):
+        screen = _screen(model)
     for step in range(max_new_tokens):
-        logits = _head(last, model.lm_head_weight, _grammar_rows(state, tokens) if narrow else None)
+        head_rows = _grammar_rows(state, tokens) if narrow else None
+        logits = None
+        if head_rows is None and screen is not None:
+            logits = _screened_logits(screen, last, state, tokens, step_options)
+        if logits is None:
+            logits = _head(last, weight, head_rows)
         next_tokens = ops.grounded_decode_step(logits, state, tokens, **step_options)
         if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(state.finished.all())):
             break

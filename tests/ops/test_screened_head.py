@@ -1,0 +1,146 @@
+"""ScreenedHead: its bounds hold around the float32 head's logits, its exact rows are the whole head's bit for bit,
+and the candidates it leaves always contain the token greedy decoding chooses -- near ties included."""
+
+import pytest
+import torch
+
+from mmcore import ops
+from mmcore.models.kosmos2 import generation
+
+pytestmark = pytest.mark.skipif(not ops.ScreenedHead.available(), reason="mmcore._C has no decode_logits kernel")
+
+
+def weights(v, d, kind, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, d, generator=g)
+    if kind == "bf16-exact":  # nothing for bfloat16 to drop: only the summation terms remain
+        return w.bfloat16().float()
+    if kind == "large":
+        return w * 1e4
+    if kind == "small":
+        return w * 1e-18
+    if kind == "mixed":  # rows of very different norms
+        return w * torch.logspace(-6, 6, v)[:, None]
+    return w * 0.02
+
+
+@pytest.mark.parametrize("kind", ["normal", "bf16-exact", "large", "small", "mixed"])
+@pytest.mark.parametrize("b, d", [(1, 64), (3, 100), (4, 512)])
+def test_bounds_contain_the_float32_logits(kind, b, d):
+    w = weights(517, d, kind)
+    head = ops.ScreenedHead(w)
+    for seed in range(5):
+        hidden = torch.randn(b, d, generator=torch.Generator().manual_seed(100 + seed)) * (10.0**seed)
+        exact = ops.decode_logits(hidden, w)
+        lower, upper = head.bounds(hidden)
+        assert bool((lower <= exact).all()) and bool((exact <= upper).all())
+
+
+def test_bounds_are_tight_enough_to_screen():
+    """bfloat16 keeps 8 bits: the interval is ~0.2 % of ||h|| ||w||, far narrower than the logits' spread."""
+    w = weights(4099, 512, "normal")
+    hidden = torch.randn(2, 512)
+    lower, upper = ops.ScreenedHead(w).bounds(hidden)
+    width = (upper - lower) / (hidden.norm(dim=1, keepdim=True) * w.norm(dim=1))
+    assert float(width.max()) < 0.01
+    exact = ops.decode_logits(hidden, w)
+    kept = upper >= lower.amax(1, keepdim=True)
+    assert int(kept.sum(1).max()) < 40, kept.sum(1)  # of 4,099 rows
+    assert bool(kept.gather(1, exact.argmax(1, keepdim=True)).all()), "the argmax is among them"
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+@pytest.mark.parametrize("d", [7, 64, 100])
+def test_exact_rows_equal_the_whole_head_bit_for_bit(b, d):
+    w = weights(301, d, "normal")
+    hidden = torch.randn(b, d)
+    head = ops.ScreenedHead(w)
+    rows = torch.tensor([0, 5, 6, 7, 99, 100, 250, 300])
+    assert torch.equal(head.exact(hidden, rows), ops.decode_logits(hidden, w)[:, rows])
+
+
+def test_matches_follows_the_weight():
+    w = weights(40, 16, "normal")
+    head = ops.ScreenedHead(w)
+    assert head.matches(w)
+    assert not head.matches(w.clone())
+    with torch.no_grad():
+        w[0, 0] += 1.0
+    assert not head.matches(w), "an in-place update (training, load_state_dict) changes the version"
+    head = ops.ScreenedHead(w)
+    w.data.copy_(torch.randn(40, 16))  # .data bypasses the version counter: the sampled rows see it
+    assert not head.matches(w)
+
+
+@pytest.mark.parametrize(
+    "weight, error, match",
+    [
+        (torch.randn(4, 8).double(), TypeError, "float32"),
+        (torch.randn(8), TypeError, r"\(V, D\)"),
+        ([[1.0]], TypeError, "float32"),
+        (torch.randn(4, 8, device="meta"), ValueError, "runs on the CPU"),
+    ],
+)
+def test_bad_weight(weight, error, match):
+    with pytest.raises(error, match=match):
+        ops.ScreenedHead(weight)
+
+
+def _step_options(**kw):
+    options = dict(no_repeat_ngram_size=0, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
+                   constrain_boxes=True, backend=None)  # fmt: skip
+    options.update(kw)
+    return options
+
+
+@pytest.mark.parametrize("ngram", [0, 1, 3])
+def test_screened_step_chooses_what_the_whole_head_chooses_at_near_ties(ngram):
+    """Rows in near-identical pairs (equal in bfloat16, a few float32 ulps apart) and a hidden state aimed at them:
+    the bfloat16 logits cannot tell the pair apart, the exact ones can, and the step must take the exact winner --
+    also when n-gram blocking bans the leaders (ngram=1 bans every token already in the row)."""
+    tokens = ops.GroundingTokens(phrase_open=100, phrase_close=101, object_open=102, object_close=103, delimiter=104,
+                                 first_loc=105, num_bins=4, eos=2, pad=1)  # fmt: skip
+    v, d = 400, 64
+    g = torch.Generator().manual_seed(0)
+    agree = 0
+    for trial in range(60):
+        base = torch.randn(v, d, generator=g).bfloat16().float()
+        w = base.clone()
+        # rows 10..29 become copies of row 10 nudged below bfloat16's resolution
+        w[10:30] = base[10] * (1 + torch.randint(-40, 40, (20, 1), generator=g) * 2.0**-23)
+        head = ops.ScreenedHead(w)
+        hidden = base[10][None].repeat(2, 1) + 0.01 * torch.randn(2, d, generator=g)
+        prompt = torch.randint(3, 100, (2, 6), generator=g)
+        prompt[0, 2:] = torch.arange(10, 14) + trial % 8  # some of the leaders already seen (banned for ngram=1)
+        options = _step_options(no_repeat_ngram_size=ngram)
+        state = ops.DecodeState.create(prompt, 4, tokens)
+        twin = state.clone()
+        screened = generation._screened_logits(head, hidden, state, tokens, options)
+        assert screened is not None
+        assert int(torch.isfinite(screened[0]).sum()) < v // 2
+        got = ops.grounded_decode_step(screened, state, tokens, **options)
+        want = ops.grounded_decode_step(ops.decode_logits(hidden, w), twin, tokens, **options)
+        assert torch.equal(got, want), trial
+        assert torch.equal(state.sequences, twin.sequences)
+        agree += int(got[0] != 10)  # the bfloat16 argmax (row 10, first of the tie) is often not the winner
+    assert agree > 10
+
+
+def test_screened_step_with_every_token_banned_takes_the_grammars_first():
+    """A row whose allowed tokens are all banned (n-gram 1 with every text token already seen) falls back to the
+    grammar's first token, with or without the screen."""
+    tokens = ops.GroundingTokens(phrase_open=6, phrase_close=7, object_open=8, object_close=9, delimiter=10,
+                                 first_loc=11, num_bins=2, eos=2, pad=1)  # fmt: skip
+    prompt = torch.tensor([[0, 3, 8, 11, 14, 9, 6, 5, 7]])  # ends with </phrase>: only <object>, already seen
+    w = torch.randn(16, 8)
+    hidden = torch.randn(1, 8)
+    head = ops.ScreenedHead(w)
+    options = _step_options(no_repeat_ngram_size=1)
+    state = ops.DecodeState.create(prompt, 2, tokens)
+    twin = state.clone()
+    screened = generation._screened_logits(head, hidden, state, tokens, options)
+    logits = screened if screened is not None else ops.decode_logits(hidden, w)
+    got = ops.grounded_decode_step(logits, state, tokens, **options)
+    want = ops.grounded_decode_step(ops.decode_logits(hidden, w), twin, tokens, **options)
+    assert torch.equal(got, want)
+    assert int(got) == tokens.object_open
