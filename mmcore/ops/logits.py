@@ -38,7 +38,8 @@ def decode_logits_ref(hidden, weight, bias=None, *, rows=None, upcast=True):
 
 @torch.library.register_fake("mmcore::decode_logits")
 def _fake(hidden, weight, bias, row_start, row_end):
-    return hidden.new_empty((hidden.shape[0], row_end - row_start))
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return hidden.new_empty((hidden.shape[0], row_end - row_start), dtype=dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -76,7 +77,7 @@ DECODE_LOGITS = Op(
             "cpp",
             _run_cpp,
             ("cpu",),
-            (torch.float32, torch.float64),
+            (torch.float32, torch.float64, torch.bfloat16),
             check=_cpp_supports,
             needs=extension_kernel("decode_logits"),
         ),
@@ -171,36 +172,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 # ------------------------------------------------------------------------------------ screened greedy head
 
-# float32's unit roundoff.
+# float32's unit roundoff; the smallest normal float32 and bfloat16.
 _U32 = 2.0**-24
+_SMALLEST_NORMAL = 2.0**-126
+# bounds() gives up above this magnitude (float32 max ~3.4e38): sums of logits and errors stay finite.
+_SCREEN_LIMIT = 1e37
 # Rows compared on every reuse, to notice weights rewritten through ``.data`` (which the version counter misses).
 _SCREEN_SAMPLE_ROWS = 16
 # Weight rows per chunk when the error constants are computed at construction (bounds the temporaries).
 _SCREEN_CHUNK_ROWS = 8192
 
 
+def _bfloat16_flushed(x: torch.Tensor) -> torch.Tensor:
+    """x in bfloat16 (round to nearest even), with bfloat16 subnormals set to zero, as vdpbf16ps reads them."""
+    low = x.to(torch.bfloat16)
+    return low.masked_fill_(low.abs() < _SMALLEST_NORMAL, 0)
+
+
 class ScreenedHead:
-    """The float32 output head of greedy decoding, screened at half the bytes: for each hidden state, bounds on
-    every logit from a bfloat16 copy of the weight, so that only the few rows that can still be the largest need
-    the float32 product -- and the token chosen is the one the float32 head chooses.
+    """The float32 output head of greedy decoding, screened in bfloat16: for each hidden state, bounds on every
+    logit from bfloat16 copies of the weight and of the hidden state (half the bytes to read, AVX512-BF16 dot
+    products at twice the FMA rate where the CPU has them), so that only the few rows that can still be the largest
+    need the float32 product -- and the token chosen is the one the float32 head chooses.
 
-    The bound. For weight row w (float32), its bfloat16 copy w' = w + e (e known at construction) and a hidden
-    state h (float32, D entries), the float32 logits the kernel computes, L = fl(h.w) and L' = fl(h.w'), satisfy
-    (any summation order; Higham, *Accuracy and Stability of Numerical Algorithms*, section 3.1):
+    The bound. For weight row w and hidden state h (float32, D entries) and their bfloat16 copies w' = w + e and
+    h' = h + f (bfloat16 subnormals flushed to zero, as vdpbf16ps does; e and f are exact in float32), the float32
+    logit the kernel computes, L = fl(h.w), and the screening one, L' = fl(h'.w'), satisfy (any summation order;
+    Higham, *Accuracy and Stability of Numerical Algorithms*, section 3.1; Cauchy-Schwarz for the sums):
 
-        |L - L'| <= |h.e| + g * sum|h||w| + g * sum|h||w'| <= ||h|| * (||e|| + g * (||w|| + ||w'||)),
+        |L - L'| <= |h.e| + |f.w'| + g ||h|| ||w|| + g ||h'|| ||w'||
+                 <= (||h|| + ||f||) * (||e|| + g (||w|| + ||w'||)) + ||f|| ||w'||,
 
-    with g = D u / (1 - D u), u = 2**-24 (Cauchy-Schwarz for the sums). ``row_error`` holds the bracket per row
-    (its float32 norms inflated by their own rounding error, plus a slack of 16 u max ||w|| that covers the
-    float32 arithmetic of the bounds themselves), so ``approx - err <= L <= approx + err`` with
-    ``err = ||h|| * row_error``. A row whose upper bound is below the largest lower bound among the tokens the step
-    allows cannot be chosen; the rest (a handful: bfloat16 keeps 8 bits, so err is ~0.2 % of ||h|| ||w||) are
-    computed exactly with the same kernel, whose value for a row does not depend on which other rows it computes.
-    mmcore.models.kosmos2.generation uses it.
+    with g = D u / (1 - D u), u = 2**-24, and ||h'|| <= ||h|| + ||f||. ``row_error`` holds the second bracket per row
+    and ``low_norm`` holds ||w'||, each with its float32 norms inflated by their own rounding error and by
+    sqrt(D) 2**-63 for entries whose squares underflow (and ``row_error`` with a slack of 16 u max ||w|| for the
+    float32 arithmetic of the bounds themselves); an absolute 2 D 2**-126 covers results flushed or rounded in the
+    subnormal range. A row whose upper bound is below the
+    largest lower bound among the tokens the step allows cannot be chosen; the rest (a handful: bfloat16 keeps 8
+    bits, so the interval is ~0.5 % of ||h|| ||w||) are computed exactly with the float32 kernel, whose value for a
+    row does not depend on which other rows it computes. mmcore.models.kosmos2.generation uses it.
 
-    weight: (V, D) float32 on the CPU. Holds the bfloat16 copy (half the weight's bytes) and (V,) float32 errors.
-    ``matches(weight)`` tells whether it was built from this tensor in its current state. Needs the C++ kernel
-    (``available()``): the exact rows must be computed the way the whole head is.
+    weight: (V, D) float32 on the CPU. Holds the bfloat16 copy (half the weight's bytes) and two (V,) float32
+    tables. ``matches(weight)`` tells whether it was built from this tensor in its current state. Needs the C++
+    kernel (``available()``): the exact rows must be computed the way the whole head is.
     """
 
     def __init__(self, weight: torch.Tensor):
@@ -210,22 +224,36 @@ class ScreenedHead:
             raise ValueError(f"ScreenedHead runs on the CPU (the bfloat16 kernel is C++), got {weight.device}")
         with torch.no_grad():
             self.weight = weight.detach()
-            self.low = self.weight.to(torch.bfloat16)
+            self.low = _bfloat16_flushed(self.weight)
             dim = weight.shape[1]
             g = dim * _U32 / (1 - dim * _U32)
-            err = torch.empty(weight.shape[0])
+            err, low_norm = torch.empty(weight.shape[0]), torch.empty(weight.shape[0])
             top = 0.0
+            # A float32 norm is within g of the norm of the entries whose squares are normal (|x| >= 2**-63);
+            # the others add at most sqrt(D) 2**-63 (triangle inequality): ``tiny``.
+            tiny = dim**0.5 * _SMALLEST_NORMAL**0.5
             for r in range(0, weight.shape[0], _SCREEN_CHUNK_ROWS):
                 w = self.weight[r : r + _SCREEN_CHUNK_ROWS]
                 low = self.low[r : r + _SCREEN_CHUNK_ROWS].float()
-                norm = w.norm(dim=1)
-                # w - low is exact in float32 (the bits bfloat16 dropped); each norm is within g of its value.
-                err[r : r + w.shape[0]] = (w - low).norm(dim=1) + g * (norm + low.norm(dim=1))
+                norm = w.norm(dim=1) + tiny
+                low_norm[r : r + w.shape[0]] = low.norm(dim=1) + tiny
+                # w - low is exact in float32 (the bits bfloat16 dropped)
+                err[r : r + w.shape[0]] = (w - low).norm(dim=1) + tiny + g * (norm + low_norm[r : r + w.shape[0]])
                 top = max(top, float(norm.max()) if norm.numel() else 0.0)
             # The norms' own rounding (within g each) and the sums': a relative 4 g and 2**-20 on top.
-            self.row_error = (err + 16 * _U32 * top) * ((1 + 4 * g) * (1 + 2**-20))
-            self._norm_factor = 1 + 4 * g  # ||h|| computed in float32 (a sum of D squares, then a square root)
-            self._underflow = dim * 2.0**-126  # products and sums in the subnormal range: absolute errors
+            inflate = (1 + 4 * g) * (1 + 2**-20)
+            self.row_error = (err + 16 * _U32 * top) * inflate
+            self.low_norm = low_norm * inflate
+            self._table = torch.stack([self.row_error, self.low_norm])  # (2, V): one product gives every bound
+            # the largest entries, for the overflow test of ``bounds``: [row_error + low_norm, low_norm]
+            self._table_max = (
+                torch.stack([(self.row_error + self.low_norm).max(), self.low_norm.max()]).nan_to_num(torch.inf)
+                if weight.shape[0]
+                else torch.zeros(2)
+            )
+            self._norm_factor = 1 + 4 * g  # ||h|| and ||f|| computed in float32 (a sum of D squares, a square root)
+            self._tiny = tiny
+            self._underflow = 2 * dim * 2.0**-126  # products and sums flushed or rounded in the subnormal range
         self._key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
         self._sample_rows = torch.linspace(0, weight.shape[0] - 1, min(_SCREEN_SAMPLE_ROWS, weight.shape[0])).long()
         self._sample = self.weight[self._sample_rows].clone()
@@ -243,11 +271,18 @@ class ScreenedHead:
             return False
         return torch.equal(weight.detach()[self._sample_rows], self._sample)
 
-    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32."""
-        approx = decode_logits(hidden, self.low, backend="cpp")
-        err = torch.outer(hidden.norm(dim=1) * self._norm_factor, self.row_error).add_(self._underflow)
-        return approx - err, approx + err
+    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32; None when
+        ``hidden`` is not finite or a logit or bound could overflow float32 (then nothing can be screened)."""
+        low = _bfloat16_flushed(hidden)
+        gap = (hidden - low.float()).norm(dim=1) + self._tiny
+        coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
+        # |logit| <= ||h'|| ||w'|| <= coef[:, 0] max ||w'||; the errors are at most coef @ max(table)
+        if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
+            return None
+        err = torch.mm(coef, self._table).add_(self._underflow)
+        approx = decode_logits(low, self.low, backend="cpp")
+        return approx - err, approx.add_(err)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, len(rows)) float32: the float32 logits of vocabulary ids ``rows``, bit for bit what ``decode_logits``

@@ -1,6 +1,9 @@
 """decode_logits against the float64 reference: batch x width x row ranges x bias, layouts, dtypes, errors,
 gradients refused by the C++ kernel, custom-op checks."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -104,15 +107,55 @@ def test_degenerate_shapes(backend, shape):
     check(out, hidden, weight, bias, None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs_go_to_torch_in_float32(dtype):
-    hidden, weight, bias = problem(3, 64, dtype=dtype)
+def test_float16_inputs_go_to_torch_in_float32():
+    hidden, weight, bias = problem(3, 64, dtype=torch.float16)
     out = decode_logits(hidden, weight, bias, rows=(1, 20))
     assert out.dtype == torch.float32
     assert torch.equal(out, decode_logits_ref(hidden, weight, bias, rows=(1, 20), upcast=False))
     if HAS_CPP:
-        with pytest.raises(BackendError, match="does not take torch.float16|does not take torch.bfloat16"):
+        with pytest.raises(BackendError, match="does not take torch.float16"):
             decode_logits(hidden, weight, bias, backend="cpp")
+
+
+@pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("rows", list(RANGES.values()), ids=list(RANGES))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("d", [8, 31, 64, 100, 512])
+@pytest.mark.parametrize("b", [1, 3, 8, 17])
+def test_bfloat16_inputs_give_float32(backend, rows, bias, d, b):
+    """bfloat16 hidden states and weights (the screening head): float32 sums, on the C++ kernel AVX512-BF16 dot
+    products where the CPU has them (d = 31, 100: the masked tail of 32-pair steps)."""
+    hidden, weight, bias_t = problem(b, d, dtype=torch.bfloat16, bias=bias)
+    out = decode_logits(hidden, weight, bias_t, rows=rows, backend=backend)
+    assert out.dtype == torch.float32
+    check(out, hidden, weight, bias_t, rows)
+
+
+@needs_cpp
+def test_bfloat16_widening_path_matches(tmp_path):
+    """MMCORE_DISABLE_AVX512BF16=1: the path of CPUs without AVX512-BF16 (both operands widened to float32) gives
+    the reference too, and agrees with the dot-product path to float32 rounding."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(3)
+    hidden, weight, bias = problem(5, 100, v=301, dtype=torch.bfloat16)
+    torch.save(dict(hidden=hidden, weight=weight, bias=bias), tmp_path / "in.pt")
+    script = (
+        "import sys, torch\n"
+        "from mmcore.ops import decode_logits\n"
+        "x = torch.load(sys.argv[1])\n"
+        "torch.save(decode_logits(x['hidden'], x['weight'], x['bias'], backend='cpp'), sys.argv[2])\n"
+    )
+    env = {**os.environ, "MMCORE_DISABLE_AVX512BF16": "1"}
+    subprocess.run([sys.executable, "-c", script, tmp_path / "in.pt", tmp_path / "out.pt"], env=env, check=True)
+    widened = torch.load(tmp_path / "out.pt")
+    check(widened, hidden, weight, bias, None)
+    direct = decode_logits(hidden, weight, bias, backend="cpp")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text():  # then the direct call took the dot products
+        assert not torch.equal(widened, direct), "the variable selected the other path (another summation order)"
+    assert (widened - direct).abs().max() <= 1e-5 * decode_logits_ref(hidden.abs(), weight.abs()).max()
 
 
 @needs_cpp
@@ -181,7 +224,7 @@ def test_cpp_entry_point_checks_its_inputs():
     hidden, weight, bias = problem(2, 8)
     with pytest.raises(ValueError, match=r"rows \[4, 40\) must satisfy"):
         op(hidden, weight, bias, 4, 40)
-    with pytest.raises(TypeError, match="must be float32 or float64"):
+    with pytest.raises(TypeError, match="must be float32, float64 or bfloat16"):
         op(hidden.half(), weight.half(), None, 0, V)
     with pytest.raises(TypeError, match="or be bfloat16 with float32 hidden"):
         op(hidden.double(), weight.bfloat16(), None, 0, V)
@@ -192,7 +235,7 @@ def test_cpp_entry_point_checks_its_inputs():
 @needs_cpp
 def test_opcheck_and_compile():
     op = torch.ops.mmcore.decode_logits.default
-    for dtype in (torch.float32, torch.float64):
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         hidden, weight, bias = problem(3, 20, dtype=dtype)
         torch.library.opcheck(op, (hidden, weight, bias, 0, V))
         torch.library.opcheck(op, (hidden, weight, None, 4, 9))

@@ -21,10 +21,12 @@ def weights(v, d, kind, seed=0):
         return w * 1e-18
     if kind == "mixed":  # rows of very different norms
         return w * torch.logspace(-6, 6, v)[:, None]
+    if kind == "subnormal":  # rows below the smallest normal: flushed to zero in the bfloat16 copy
+        return w * torch.logspace(-40, -30, v)[:, None]
     return w * 0.02
 
 
-@pytest.mark.parametrize("kind", ["normal", "bf16-exact", "large", "small", "mixed"])
+@pytest.mark.parametrize("kind", ["normal", "bf16-exact", "large", "small", "mixed", "subnormal"])
 @pytest.mark.parametrize("b, d", [(1, 64), (3, 100), (4, 512)])
 def test_bounds_contain_the_float32_logits(kind, b, d):
     w = weights(517, d, kind)
@@ -57,6 +59,20 @@ def test_exact_rows_equal_the_whole_head_bit_for_bit(b, d):
     head = ops.ScreenedHead(w)
     rows = torch.tensor([0, 5, 6, 7, 99, 100, 250, 300])
     assert torch.equal(head.exact(hidden, rows), ops.decode_logits(hidden, w)[:, rows])
+
+
+def test_bounds_refuse_what_could_overflow_or_is_not_finite():
+    head = ops.ScreenedHead(weights(64, 16, "large"))
+    assert head.bounds(torch.ones(2, 16)) is not None
+    assert head.bounds(torch.full((2, 16), 1e34)) is None, "logits near float32's limit"
+    bad = torch.ones(2, 16)
+    bad[1, 3] = torch.nan
+    assert head.bounds(bad) is None
+    bad[1, 3] = torch.inf
+    assert head.bounds(bad) is None
+    w = weights(64, 16, "normal")
+    w[5, 0] = torch.inf
+    assert ops.ScreenedHead(w).bounds(torch.ones(1, 16)) is None
 
 
 def test_matches_follows_the_weight():

@@ -29,10 +29,6 @@ from mmcore.models.layers.beam import BeamSearch, check_num_beams
 from mmcore.ops import decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
-# Greedy steps of batches up to this size screen the head in bfloat16 (``ops.ScreenedHead``). Measured
-# (one thread, V = 65,037, D = 512): the bfloat16 product takes 3.4 ms against the float32 6.6 ms at batch 1, but
-# 10.2 against 8.2 ms at batch 8, where the product is no longer bound by reading the weight.
-SCREEN_MAX_BATCH = 4
 # A screen that leaves more than this fraction of the vocabulary is not worth its gather: the whole head instead.
 SCREEN_MAX_FRACTION = 1 / 8
 
@@ -96,16 +92,17 @@ def _screened_logits(screen, hidden, state, tokens, step_options) -> torch.Tenso
     as logits: its scores are the lower bounds where allowed and -inf where the grammar, n-gram blocking or the
     minimum length bans. Row r keeps the allowed tokens whose upper bound reaches its largest allowed lower bound.
     (A row with every token banned scores the grammar's tokens 0 in both runs and takes the first: the same.)"""
-    lower, upper = screen.bounds(hidden)
-    if not bool(torch.isfinite(upper - lower).all()):
+    bounds = screen.bounds(hidden)
+    if bounds is None:  # not finite, or could overflow
         return None
+    lower, upper = bounds
     _, scores = ops.grounded_decode_step(lower, state.clone(), tokens, return_scores=True, **step_options)
-    live = ~state.finished
     floor = scores.amax(1, keepdim=True)
-    if not bool(torch.isfinite(floor[live]).all()):
+    if not bool(torch.isfinite(floor).all()):
         return None
-    keep = (upper >= floor) & (scores > -torch.inf)
-    rows = keep[live].any(0).nonzero().squeeze(1)
+    floor.masked_fill_(state.finished[:, None], torch.inf)  # finished rows take pad whatever the logits
+    row, col = (upper >= floor).nonzero().unbind(1)
+    rows = col[scores[row, col] > -torch.inf].unique()  # the allowed ones
     if rows.numel() > SCREEN_MAX_FRACTION * lower.shape[1]:
         return None
     logits = torch.full_like(lower, -torch.inf)
@@ -203,9 +200,9 @@ def generate(
     grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
     the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). screen_head: greedy on the
-    CPU, batch <= ``SCREEN_MAX_BATCH``, float32: bound every logit from a bfloat16 copy of the head and compute
-    only the rows that can still be chosen (``ops.ScreenedHead``; same tokens, half the bytes; the copy, half the
-    head's size, is built on the first call and kept on the model). backend: force the decoding
+    CPU, float32: bound every logit from bfloat16 copies of the head and the hidden states and compute only the
+    rows that can still be chosen (``ops.ScreenedHead``; same tokens, half the bytes; the copy, half the head's
+    size, is built on the first call and kept on the model). backend: force the decoding
     step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
     num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
     greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
@@ -282,7 +279,6 @@ def generate(
         screen_head
         and not do_sample
         and device.type == "cpu"
-        and batch <= SCREEN_MAX_BATCH
         and weight.dtype == last.dtype == torch.float32
         and ops.ScreenedHead.available()
     ):
