@@ -7,8 +7,11 @@ slice of the weight. In a real step those rows come from memory (the decoder's w
 between steps), so the range case moves a 1,024-row range over 32 places spread across the vocabulary, one per
 call, rather than re-reading one 2-8 MB slice from the L3 cache.
 
-At these batches the product is bound by reading the weight, so the work is counted in weight bytes read,
-``R * D * 4`` (R = rows computed), and throughput is in bytes/s. A third row, ``weight.sum()`` over the same rows,
+At these batches the product is bound by reading the weight, so the work is counted in float32 weight bytes,
+``R * D * 4`` (R = rows computed), and throughput is in bytes/s. For the whole vocabulary a further row times the
+bfloat16 form (hidden states and weights in bfloat16, float32 sums: AVX512-BF16 dot products where the CPU has them),
+what greedy generation's screened head (``ops.ScreenedHead``) reads each step; it stands in for the same float32
+bytes, so its bytes/s are the float32 product's equivalent. A third row, ``weight.sum()`` over the same rows,
 is the machine's read bandwidth for reference: ``x vs weight.sum`` near 1 means the kernel streams the weight as
 fast as a plain reduction does.
 
@@ -52,6 +55,13 @@ def check(hidden, weight, rows):
     assert err < 1e-5, f"decode_logits (cpp) differs from the float64 reference by {err:.2e} (relative)"
 
 
+def check_bfloat16(hidden, weight):
+    out = decode_logits(hidden, weight, backend="cpp")
+    ref = decode_logits_ref(hidden, weight)
+    err = float((out.double() - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, f"decode_logits (cpp, bfloat16) differs from the float64 reference by {err:.2e} (relative)"
+
+
 def cycling(fn, arg_sets):
     """A call of ``fn(*args)`` for the next of ``arg_sets`` each time."""
     it = itertools.cycle(arg_sets)
@@ -89,6 +99,20 @@ def main(argv=None):
                             work,
                             threads=threads,
                         ),
+                    ]
+                    if rows_name == "all":
+                        low_hidden, low_weight = hidden.bfloat16(), weight.bfloat16()
+                        check_bfloat16(low_hidden, low_weight)
+                        impls.append(
+                            Impl(
+                                "decode_logits cpp bfloat16",
+                                lambda h=low_hidden, w=low_weight: decode_logits(h, w, backend="cpp"),
+                                work,
+                                threads=threads,
+                                note="bfloat16 copies (the screened head's read); work: the float32 bytes",
+                            )
+                        )
+                    impls += [
                         Impl(
                             "F.linear",
                             cycling(F.linear, [(hidden, w) for w in slices]),
