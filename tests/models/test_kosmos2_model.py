@@ -264,13 +264,14 @@ def test_screened_head_rebuilt_when_the_weights_change(models):
     _, mm = models
     ids, mask, img, pixels = make_batch([8], seed=22)
     mm.generate(pixels, ids, img, mask, max_new_tokens=3)
-    first = mm._screened_head
+    first = generation._SCREENS[mm]
     mm.generate(pixels, ids, img, mask, max_new_tokens=3)
-    assert mm._screened_head is first, "reused while the weights are unchanged"
+    assert generation._SCREENS[mm] is first, "reused while the weights are unchanged"
     with torch.no_grad():
         mm.lm_head_weight.mul_(1.0)
     mm.generate(pixels, ids, img, mask, max_new_tokens=3)
-    assert mm._screened_head is not first
+    assert generation._SCREENS[mm] is not first
+    assert not any(isinstance(v, ops.ScreenedHead) for v in vars(mm).values()), "nothing extra to pickle"
 
 
 def test_packed_equals_per_sample(models):

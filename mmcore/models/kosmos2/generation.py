@@ -20,6 +20,7 @@ of a step at batch 1) drops 64x or more on those steps.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 
@@ -73,13 +74,17 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | No
     return logits
 
 
+# Each model's screened head, built on first use; held beside the model rather than on it, so that pickling or
+# copying a model never carries the bfloat16 copy, and dropped with the model.
+_SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _screen(model) -> ops.ScreenedHead:
     """The model's screened head, built on first use and rebuilt when the weight changes (moved, trained)."""
     weight = model.lm_head_weight
-    screen = getattr(model, "_screened_head", None)
+    screen = _SCREENS.get(model)
     if screen is None or not screen.matches(weight):
-        screen = ops.ScreenedHead(weight)
-        model._screened_head = screen
+        screen = _SCREENS[model] = ops.ScreenedHead(weight)
     return screen
 
 
@@ -202,7 +207,7 @@ def generate(
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). screen_head: greedy on the
     CPU, float32: bound every logit from bfloat16 copies of the head and the hidden states and compute only the
     rows that can still be chosen (``ops.ScreenedHead``; same tokens, half the bytes; the copy, half the head's
-    size, is built on the first call and kept on the model). backend: force the decoding
+    size, is built on the first call and kept beside the model while it lives). backend: force the decoding
     step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
     num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
     greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
