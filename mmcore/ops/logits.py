@@ -5,7 +5,8 @@ During generation each step multiplies a small batch of hidden states ``(B, D)``
 reading the weight, and ATen's GEMV/GEMM reads it at a fraction of the memory bandwidth on a CPU; the C++
 kernel (csrc/decoding/logits.cpp) streams each weight row once and dots it with all B hidden states. ``rows``
 restricts the product to a contiguous range of vocabulary ids -- the 1,024 location tokens, when the box
-grammar allows nothing else -- and returns only those columns.
+grammar allows nothing else -- and returns only those columns. ``ScreenedHead`` (below) serves greedy decoding
+from bfloat16 copies with exact bounds, computing in float32 only the rows that can still be chosen.
 
 Inference only: the C++ kernel has no gradient (backpropagating through it raises), and default dispatch
 leaves calls that need gradients to the PyTorch backend.
@@ -131,14 +132,15 @@ def decode_logits(hidden, weight, bias=None, *, rows=None, backend=None):
     hidden: (B, D); weight: (V, D), the output head (its rows need unit stride along D to be read in place by
     the C++ kernel; otherwise the selected rows are copied per call); bias: (V,) or None; rows: None for the whole
     vocabulary, or ``(start, end)`` for vocabulary ids ``start <= v < end`` (e.g. the location tokens,
-    ``(tokens.first_loc, tokens.loc_end)``). hidden, weight and bias share a dtype and a device.
+    ``(tokens.first_loc, tokens.loc_end)``). hidden, weight and bias share a dtype and a device, except that a
+    bfloat16 weight may go with float32 hidden states and bias (its values widened exactly).
 
-    Returns (B, end - start): float32, float64 for float64 inputs (float16 and bfloat16 inputs are computed
-    in float32 by the ``torch`` backend). Backends: ``"cpp"`` (CPU, float32/float64, no gradients) and
-    ``"torch"`` (``F.linear`` in the output dtype, CPU or GPU). For inference: the ``cpp`` kernel is
-    not differentiable, so a call with grad mode on and an input that requires grad goes to ``"torch"``
-    (forcing ``"cpp"`` then raises); the summation order differs from BLAS's, by a few float32 ulps of the
-    dot products' magnitudes.
+    Returns (B, end - start): float32, float64 for float64 inputs. Backends: ``"cpp"`` (CPU, float32/float64,
+    and bfloat16 -- float32 sums, with AVX512-BF16 dot products where the CPU has them, else both operands widened;
+    no gradients) and ``"torch"`` (``F.linear`` in the output dtype, CPU or GPU; float16 goes there). For
+    inference: the ``cpp`` kernel is not differentiable, so a call with grad mode on and an input that requires grad
+    goes to ``"torch"`` (forcing ``"cpp"`` then raises); the summation order differs from BLAS's, by a few float32
+    ulps of the dot products' magnitudes.
     """
     start, end = _check(hidden, weight, bias, rows)
     return DECODE_LOGITS(hidden.device.type, hidden.dtype, hidden, weight, bias, start, end, backend=backend)
