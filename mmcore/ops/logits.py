@@ -246,7 +246,8 @@ class ScreenedHead:
             inflate = (1 + 4 * g) * (1 + 2**-20)
             self.row_error = (err + 16 * _U32 * top) * inflate
             self.low_norm = low_norm * inflate
-            self._table = torch.stack([self.row_error, self.low_norm])  # (2, V): one product gives every bound
+            # (3, V): coefficients (B, 3) times this are every bound; the third row takes the absolute term
+            self._table = torch.stack([self.row_error, self.low_norm, torch.ones_like(self.low_norm)])
             # the largest entries, for the overflow test of ``bounds``: [row_error + low_norm, low_norm]
             self._table_max = (
                 torch.stack([(self.row_error + self.low_norm).max(), self.low_norm.max()]).nan_to_num(torch.inf)
@@ -282,9 +283,9 @@ class ScreenedHead:
         # |logit| <= ||h'|| ||w'|| <= coef[:, 0] max ||w'||; the errors are at most coef @ max(table)
         if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
             return None
-        err = torch.mm(coef, self._table).add_(self._underflow)
+        coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
         approx = decode_logits(low, self.low, backend="cpp")
-        return approx - err, approx.add_(err)
+        return torch.addmm(approx, coef, self._table, alpha=-1), approx.addmm_(coef, self._table)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, len(rows)) float32: the float32 logits of vocabulary ids ``rows``, bit for bit what ``decode_logits``
