@@ -55,13 +55,6 @@ def check(hidden, weight, rows):
     assert err < 1e-5, f"decode_logits (cpp) differs from the float64 reference by {err:.2e} (relative)"
 
 
-def check_bfloat16(hidden, weight):
-    out = decode_logits(hidden, weight, backend="cpp")
-    ref = decode_logits_ref(hidden, weight)
-    err = float((out.double() - ref).abs().max() / ref.abs().max())
-    assert err < 1e-5, f"decode_logits (cpp, bfloat16) differs from the float64 reference by {err:.2e} (relative)"
-
-
 def cycling(fn, arg_sets):
     """A call of ``fn(*args)`` for the next of ``arg_sets`` each time."""
     it = itertools.cycle(arg_sets)
@@ -73,7 +66,8 @@ def main(argv=None):
     if "cpp" not in available_backends("decode_logits", "cpu"):
         raise SystemExit("mmcore._C has no decode_logits kernel: pip install --no-build-isolation -e .")
     vocab = VOCAB_QUICK if args.quick else VOCAB
-    places = [i * (vocab // RANGE_PLACES) for i in range(RANGE_PLACES)]
+    # (clamped so that the last ranges fit the --quick vocabulary; the full one never needs it)
+    places = [min(i * (vocab // RANGE_PLACES), vocab - LOC_ROWS) for i in range(RANGE_PLACES)]
     cases = []
     torch.set_grad_enabled(False)
     for width in WIDTHS:
@@ -102,7 +96,7 @@ def main(argv=None):
                     ]
                     if rows_name == "all":
                         low_hidden, low_weight = hidden.bfloat16(), weight.bfloat16()
-                        check_bfloat16(low_hidden, low_weight)
+                        check(low_hidden, low_weight, None)
                         impls.append(
                             Impl(
                                 "decode_logits cpp bfloat16",

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from _harness import Case, Impl, parse_args, peak_rss_growth, report, run_cases
 
 from mmcore.ops import attention, available_backends, packed_attention, packed_attention_ref
-from mmcore.ops.attention import visible_mask
+from mmcore.ops.attention import _xformers_bias, visible_mask
 
 
 def cu_of(lens, device):
@@ -109,9 +109,7 @@ def xformers_packed(q, k, v, cq, ck, lens_q, lens_k, mode, prefix):  # pragma: n
     (bottom-right causal for causal) built from the lengths on every call, as a caller with changing batches does."""
     from xformers.ops import fmha
 
-    masks = fmha.attn_bias
-    kind = masks.BlockDiagonalCausalFromBottomRightMask if mode == "causal" else masks.BlockDiagonalMask
-    bias = kind.from_seqlens(list(lens_q), list(lens_k), device=q.device)
+    bias = _xformers_bias(list(lens_q), list(lens_k), mode == "causal", q.device)
     return fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
 
 

@@ -14,9 +14,9 @@
 // with GCC/Clang vector extensions and compiled once per ISA (x86-64-v4 AVX-512, x86-64-v3 AVX2, baseline SSE2),
 // picked at load time. float64 (the exact path for tests) is a plain loop.
 //
-// bfloat16 weights with float32 hidden states: the same kernel, each weight vector widened to float32 as it is
-// loaded (exactly: a bfloat16 is a float32's high half). Greedy decoding uses it to screen the vocabulary at half
-// the bytes before computing the few candidate rows exactly (mmcore/ops/logits.py, ScreenedHead).
+// bfloat16 hidden states and weights (greedy decoding's screened head, mmcore/ops/logits.py ScreenedHead): AVX512-BF16
+// dot products where the CPU has them (below); elsewhere the float32 kernel with each bfloat16 weight vector
+// widened exactly as it is loaded (a bfloat16 is a float32's high half), on the hidden states widened once.
 //
 // NOTE: the summation order differs from BLAS (W interleaved partial sums per product, reduced at the end, then
 // the scalar tail), so results differ from at::linear in the last bits; the tests bound the error against a
@@ -48,7 +48,7 @@ namespace {
 // Everything the kernel reads and writes; built by decode_logits_cpu after the checks. hidden (B, D) and out
 // (B, R) are contiguous; weight rows have unit stride along D and ldw between rows; bias has R entries or is
 // null. All pointers already point at row_start. WT, the weight's element type, is T, or at::BFloat16 with
-// T = float (the screening head of greedy decoding: half the bytes to stream, each weight widened exactly).
+// T = float (the bfloat16 path on CPUs without AVX512-BF16: each weight widened exactly as it is loaded).
 template <typename T, typename WT = T>
 struct Problem {
   const T* hidden;
@@ -281,11 +281,11 @@ void logits_rows(const Problem<double>& p, int64_t r0, int64_t r1) {
   }
 }
 
-// ---- bfloat16 hidden states and weights, float32 sums: the screening head at batch > 1.
+// ---- bfloat16 hidden states and weights, float32 sums: the screened head.
 //
-// Widening bfloat16 weights costs two instructions per vector on top of the FMAs; once several hidden rows share
-// each weight vector the product is no longer bound by reading the weight, and the widening made batch 8 slower
-// than float32 (10.2 against 8.2 ms, V = 65,037, D = 512, one thread). AVX512-BF16's vdpbf16ps multiplies 32
+// Widening bfloat16 weights costs two instructions per vector on top of the multiply-adds; once several hidden rows
+// share each weight vector the product is no longer bound by reading the weight, and the widening made batch 8
+// slower than float32 (10.2 against 8.2 ms, V = 65,037, D = 512, one thread). AVX512-BF16's vdpbf16ps multiplies 32
 // bfloat16 pairs exactly and adds them into 16 float32 lanes in one instruction, twice the FMA rate, so with the
 // hidden states rounded to bfloat16 too (the caller accounts for that in its bounds) the weight is read at half the
 // bytes and multiplied at twice the rate. Denormal inputs are flushed to zero by the instruction (the caller's
@@ -451,9 +451,8 @@ at::Tensor decode_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight,
   const auto dtype = hidden.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
                    "hidden must be float32, float64 or bfloat16, got ", dtype);
-  const bool bf16_weight = dtype == at::kFloat && weight.scalar_type() == at::kBFloat16;
-  TORCH_CHECK_TYPE(weight.scalar_type() == dtype || bf16_weight, "weight must share hidden's dtype ", dtype,
-                   " (or be bfloat16 with float32 hidden), got ", weight.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == dtype, "weight must share hidden's dtype ", dtype, ", got ",
+                   weight.scalar_type());
   TORCH_CHECK_VALUE(hidden.device().is_cpu() && weight.device().is_cpu(), "decode_logits_cpu needs CPU tensors, got ",
                     hidden.device(), " and ", weight.device());
   const int64_t vocab = weight.size(0);
@@ -478,8 +477,6 @@ at::Tensor decode_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight,
   at::Tensor out = at::empty({hidden.size(0), rows}, hidden.options().dtype(dtype == at::kDouble ? dtype : at::kFloat));
   if (dtype == at::kBFloat16) {
     run_bf16(h, w, b, out);
-  } else if (bf16_weight) {
-    run<float, at::BFloat16>(h, w, b, out);
   } else if (dtype == at::kFloat) {
     run<float>(h, w, b, out);
   } else {

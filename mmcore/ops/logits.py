@@ -103,17 +103,15 @@ def _check(hidden, weight, bias, rows) -> tuple[int, int]:
         raise ValueError(
             f"hidden (B, D) and weight (V, D) must share D, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
-    if hidden.dtype != weight.dtype and (hidden.dtype, weight.dtype) != (torch.float32, torch.bfloat16):
-        raise TypeError(
-            f"hidden and weight must share a dtype (or be float32 and bfloat16), got {hidden.dtype} and {weight.dtype}"
-        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     vocab = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (vocab,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({vocab},), got {got}")
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"bias must share hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight and bias must be on one device, got {sorted(map(str, devices))}")
@@ -132,8 +130,7 @@ def decode_logits(hidden, weight, bias=None, *, rows=None, backend=None):
     hidden: (B, D); weight: (V, D), the output head (its rows need unit stride along D to be read in place by
     the C++ kernel; otherwise the selected rows are copied per call); bias: (V,) or None; rows: None for the whole
     vocabulary, or ``(start, end)`` for vocabulary ids ``start <= v < end`` (e.g. the location tokens,
-    ``(tokens.first_loc, tokens.loc_end)``). hidden, weight and bias share a dtype and a device, except that a
-    bfloat16 weight may go with float32 hidden states and bias (its values widened exactly).
+    ``(tokens.first_loc, tokens.loc_end)``). hidden, weight and bias share a dtype and a device.
 
     Returns (B, end - start): float32, float64 for float64 inputs. Backends: ``"cpp"`` (CPU, float32/float64,
     and bfloat16 -- float32 sums, with AVX512-BF16 dot products where the CPU has them, else both operands widened;
@@ -209,10 +206,10 @@ class ScreenedHead:
     and ``low_norm`` holds ||w'||, each with its float32 norms inflated by their own rounding error and by
     sqrt(D) 2**-63 for entries whose squares underflow (and ``row_error`` with a slack of 16 u max ||w|| for the
     float32 arithmetic of the bounds themselves); an absolute 2 D 2**-126 covers results flushed or rounded in the
-    subnormal range. A row whose upper bound is below the
-    largest lower bound among the tokens the step allows cannot be chosen; the rest (a handful: bfloat16 keeps 8
-    bits, so the interval is ~0.5 % of ||h|| ||w||) are computed exactly with the float32 kernel, whose value for a
-    row does not depend on which other rows it computes. mmcore.models.kosmos2.generation uses it.
+    subnormal range. A row whose upper bound is below the largest lower bound among the tokens the step allows
+    cannot be chosen; the rest (a handful: bfloat16 keeps 8 bits, so the interval is ~0.5 % of ||h|| ||w||) are
+    computed exactly with the float32 kernel, whose value for a row does not depend on which other rows it computes.
+    mmcore.models.kosmos2.generation uses it.
 
     weight: (V, D) float32 on the CPU. Holds the bfloat16 copy (half the weight's bytes) and two (V,) float32
     tables. ``matches(weight)`` tells whether it was built from this tensor in its current state. Needs the C++
@@ -244,10 +241,9 @@ class ScreenedHead:
                 top = max(top, float(norm.max()) if norm.numel() else 0.0)
             # The norms' own rounding (within g each) and the sums': a relative 4 g and 2**-20 on top.
             inflate = (1 + 4 * g) * (1 + 2**-20)
-            self.row_error = (err + 16 * _U32 * top) * inflate
-            self.low_norm = low_norm * inflate
             # (3, V): coefficients (B, 3) times this are every bound; the third row takes the absolute term
-            self._table = torch.stack([self.row_error, self.low_norm, torch.ones_like(self.low_norm)])
+            self._table = torch.stack([(err + 16 * _U32 * top) * inflate, low_norm * inflate, torch.ones_like(err)])
+            self.row_error, self.low_norm = self._table[0], self._table[1]
             # the largest entries, for the overflow test of ``bounds``: [row_error + low_norm, low_norm]
             self._table_max = (
                 torch.stack([(self.row_error + self.low_norm).max(), self.low_norm.max()]).nan_to_num(torch.inf)
