@@ -139,11 +139,163 @@ void packed_attention_fwd_impl(const Params& p) {
   run_work_items(items, make_workspace, body);
 }
 
+// Decode-shaped calls: at most kRowsMaxQ queries per segment (one new token per row of a KV cache). The tile path
+// reads each (head, key) row of K and V as its own 256-byte piece at a stride of heads_kv * head_dim, tile GEMMs
+// of one row; here an item is (segment, block of kv heads) and walks the segment's keys in order, reading for each
+// key the block's heads in one contiguous piece, which the hardware prefetcher follows. Measured (8 rows, 8 heads
+// x 64, ~90 cached keys each, float32, caches cold as after a decoding step's output head, 2 threads): the tile
+// path 193 us, SDPA over the padded cache 236 us.
+constexpr int64_t kRowsMaxQ = 4;
+
+struct RowItem {
+  int64_t segment, kv_begin, kv_end, cost;
+};
+
+template <typename acc_t>
+struct RowWorkspace {
+  std::vector<acc_t> scores, acc, q, k, v, row_max, row_sum;
+};
+
+template <typename scalar_t, Mode kMode>
+void packed_attention_fwd_rows(const Params& p) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+  const int64_t d = p.head_dim, heads = p.heads, heads_kv = p.heads_kv, group = heads / heads_kv;
+  const auto* q = static_cast<const scalar_t*>(p.q);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  auto* out = static_cast<scalar_t*>(p.out);
+  const acc_t scale = static_cast<acc_t>(p.softmax_scale);
+  const int64_t block_k = std::max<int64_t>(std::min(kBlockK, p.max_seqlen_k), 1);
+
+  // Enough items for two per thread: kv heads split into blocks when there are few segments.
+  int64_t active = 0;
+  for (int64_t s = 0; s < p.num_segments; ++s) active += p.cu_seqlens_q[s + 1] > p.cu_seqlens_q[s];
+  const int64_t want = 2 * at::get_num_threads();
+  const int64_t blocks = std::clamp<int64_t>((want + active - 1) / std::max<int64_t>(active, 1), 1, heads_kv);
+  const int64_t per_block = (heads_kv + blocks - 1) / blocks;
+  std::vector<RowItem> items;
+  for (int64_t s = 0; s < p.num_segments; ++s) {
+    const Segment seg = Segment::at(p, s);
+    if (seg.lq == 0) continue;
+    for (int64_t kv0 = 0; kv0 < heads_kv; kv0 += per_block) {
+      const int64_t kv1 = std::min(kv0 + per_block, heads_kv);
+      items.push_back({s, kv0, kv1, seg.lq * (kv1 - kv0) * (seg.template visible<kMode>(seg.lq - 1) + 2 * d)});
+    }
+  }
+
+  const int64_t max_rows = std::min(p.max_seqlen_q, kRowsMaxQ) * per_block * group;  // (query, head) pairs
+  auto make_workspace = [&] {
+    RowWorkspace<acc_t> ws;
+    ws.scores.resize(max_rows * block_k);
+    ws.acc.resize(max_rows * d);
+    ws.q.resize(max_rows * d);
+    if (kConvert) {
+      ws.k.resize(per_block * d);
+      ws.v.resize(per_block * d);
+    }
+    ws.row_max.resize(max_rows);
+    ws.row_sum.resize(max_rows);
+    return ws;
+  };
+
+  auto body = [&](const RowItem& item, RowWorkspace<acc_t>& ws) {
+    const Segment seg = Segment::at(p, item.segment);
+    const int64_t kv0 = item.kv_begin, nkv = item.kv_end - kv0, h0 = kv0 * group, nh = nkv * group;
+    const int64_t rows = seg.lq, pairs = rows * nh;  // pair (r, hh) is query row r, head h0 + hh
+    const int64_t keys_end = seg.template visible<kMode>(rows - 1);
+    acc_t* scores = ws.scores.data();
+    acc_t* acc = ws.acc.data();
+    acc_t* m = ws.row_max.data();
+    acc_t* l = ws.row_sum.data();
+    acc_t* qs = ws.q.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = q + ((seg.q0 + r) * heads + h0) * d;
+      if constexpr (kConvert) {
+        row_ops::convert(src, qs + r * nh * d, nh * d);
+      } else {
+        std::copy(src, src + nh * d, qs + r * nh * d);
+      }
+    }
+    std::fill(m, m + pairs, -std::numeric_limits<acc_t>::infinity());
+    std::fill(l, l + pairs, acc_t(0));
+    std::fill(acc, acc + pairs * d, acc_t(0));
+    // The block's kv heads of key row j, in the accumulation type.
+    auto kv_row = [&](const scalar_t* base, int64_t j, acc_t* buf) -> const acc_t* {
+      const scalar_t* src = base + ((seg.k0 + j) * heads_kv + kv0) * d;
+      if constexpr (kConvert) {
+        row_ops::convert(src, buf, nkv * d);
+        return buf;
+      } else {
+        return src;
+      }
+    };
+
+    for (int64_t j0 = 0; j0 < keys_end; j0 += block_k) {
+      const int64_t n = std::min(block_k, keys_end - j0);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const acc_t* krow = kv_row(k, j0 + jj, ws.k.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          row_ops::dot_heads(qs + r * nh * d, krow, nh, group, d, scale, scores + r * nh * block_k + jj, block_k);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t cnt = std::clamp<int64_t>(seg.template visible<kMode>(r) - j0, 0, n);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          const int64_t i = r * nh + hh;
+          acc_t* row = scores + i * block_k;
+          std::fill(row + cnt, row + n, acc_t(0));
+          if (cnt == 0) continue;
+          const acc_t m_new = std::max(m[i], row_ops::row_max(row, cnt));
+          const acc_t sum = row_ops::exp_sub_sum(row, cnt, m_new);
+          if (m[i] == -std::numeric_limits<acc_t>::infinity()) {
+            l[i] = sum;
+          } else {
+            const acc_t alpha = std::exp(m[i] - m_new);
+            l[i] = l[i] * alpha + sum;
+            if (alpha != acc_t(1)) row_ops::scale(acc + i * d, d, alpha);
+          }
+          m[i] = m_new;
+        }
+      }
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const acc_t* vrow = kv_row(v, j0 + jj, ws.v.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          row_ops::axpy_heads(acc + r * nh * d, scores + r * nh * block_k + jj, block_k, vrow, nh, group, d);
+        }
+      }
+    }
+
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        const int64_t i = r * nh + hh, h = h0 + hh, row = seg.q0 + r;
+        scalar_t* dst = out + (row * heads + h) * d;
+        if (l[i] > acc_t(0)) {
+          row_ops::scale(acc + i * d, d, acc_t(1) / l[i]);
+          row_ops::convert(acc + i * d, dst, d);
+          p.lse[h * p.total_q + row] = static_cast<float>(m[i] + std::log(l[i]));
+        } else {  // no visible key
+          std::fill(dst, dst + d, scalar_t(0));
+          p.lse[h * p.total_q + row] = std::numeric_limits<float>::infinity();
+        }
+      }
+    }
+  };
+
+  run_work_items(items, make_workspace, body);
+}
+
 }  // namespace
 
 void run_fwd_kernel(const Params& p, at::ScalarType dtype, Mode mode) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "packed_attention_fwd_cpu", [&] {
-    MMCORE_MODE_SWITCH(mode, kMode, [&] { packed_attention_fwd_impl<scalar_t, kMode>(p); });
+    MMCORE_MODE_SWITCH(mode, kMode, [&] {
+      if (p.max_seqlen_q <= kRowsMaxQ && !p.dropout) {
+        packed_attention_fwd_rows<scalar_t, kMode>(p);
+      } else {
+        packed_attention_fwd_impl<scalar_t, kMode>(p);
+      }
+    });
   });
 }
 

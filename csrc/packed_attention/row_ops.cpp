@@ -204,10 +204,90 @@ inline float dot_impl(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
+// float32 dot product in W lanes (two accumulators), then the lanes' sum: the auto-vectoriser leaves a float
+// reduction sequential (it may not reorder the additions), and the decode path of the forward calls this once per
+// (query, key, head).
+template <int W>
+[[gnu::always_inline]] inline float dot_vec_impl(const float* a, const float* b, int64_t n) {
+  using V = Vec<W>;
+  typename V::F acc0{}, acc1{};
+  int64_t j = 0;
+  for (; j + 2 * W <= n; j += 2 * W) {
+    acc0 += V::load(a + j) * V::load(b + j);
+    acc1 += V::load(a + j + W) * V::load(b + j + W);
+  }
+  for (; j + W <= n; j += W) acc0 += V::load(a + j) * V::load(b + j);
+  acc0 += acc1;
+  float sum = 0.0f;
+  for (int l = 0; l < W; ++l) sum += acc0[l];
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+template <int W>
+[[gnu::always_inline]] inline void dot_heads_impl(const float* q, const float* k, int64_t heads, int64_t group,
+                                                  int64_t d, float scale, float* out, int64_t stride) {
+  for (int64_t h = 0; h < heads; ++h) out[h * stride] = scale * dot_vec_impl<W>(q + h * d, k + (h / group) * d, d);
+}
+
+template <int W>
+[[gnu::always_inline]] inline void axpy_heads_impl(float* acc, const float* w, int64_t stride, const float* v,
+                                                   int64_t heads, int64_t group, int64_t d) {
+  using V = Vec<W>;
+  for (int64_t h = 0; h < heads; ++h) {
+    const float a = w[h * stride];
+    if (a == 0.0f) continue;  // a masked key (or an exp that underflowed): nothing to add
+    const float* x = v + (h / group) * d;
+    float* y = acc + h * d;
+    int64_t j = 0;
+    for (; j + W <= d; j += W) V::store(y + j, V::load(y + j) + a * V::load(x + j));
+    for (; j < d; ++j) y[j] += a * x[j];
+  }
+}
+
+#ifdef MMCORE_X86_VERSIONS
+#define MMCORE_ROW_VERSIONS(W, TARGET)                                                                          \
+  [[gnu::target(TARGET)]] float dot_mv(const float* a, const float* b, int64_t n) {                              \
+    return dot_vec_impl<W>(a, b, n);                                                                            \
+  }                                                                                                              \
+  [[gnu::target(TARGET)]] void dot_heads_mv(const float* q, const float* k, int64_t heads, int64_t group,        \
+                                            int64_t d, float scale, float* out, int64_t stride) {               \
+    dot_heads_impl<W>(q, k, heads, group, d, scale, out, stride);                                               \
+  }                                                                                                              \
+  [[gnu::target(TARGET)]] void axpy_heads_mv(float* acc, const float* w, int64_t stride, const float* v,         \
+                                             int64_t heads, int64_t group, int64_t d) {                         \
+    axpy_heads_impl<W>(acc, w, stride, v, heads, group, d);                                                     \
+  }
+MMCORE_ROW_VERSIONS(4, "default")
+MMCORE_ROW_VERSIONS(8, "arch=x86-64-v3")
+MMCORE_ROW_VERSIONS(16, "arch=x86-64-v4")
+#undef MMCORE_ROW_VERSIONS
+#else
+float dot_mv(const float* a, const float* b, int64_t n) { return dot_vec_impl<4>(a, b, n); }
+void dot_heads_mv(const float* q, const float* k, int64_t heads, int64_t group, int64_t d, float scale, float* out,
+                  int64_t stride) {
+  dot_heads_impl<4>(q, k, heads, group, d, scale, out, stride);
+}
+void axpy_heads_mv(float* acc, const float* w, int64_t stride, const float* v, int64_t heads, int64_t group,
+                   int64_t d) {
+  axpy_heads_impl<4>(acc, w, stride, v, heads, group, d);
+}
+#endif
+
 }  // namespace
 
-float dot(const float* a, const float* b, int64_t n) { return dot_impl(a, b, n); }
+float dot(const float* a, const float* b, int64_t n) { return dot_mv(a, b, n); }
 float dot(const c10::Half* a, const c10::Half* b, int64_t n) { return dot_impl(a, b, n); }
 float dot(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n) { return dot_impl(a, b, n); }
+
+void dot_heads(const float* q, const float* k, int64_t heads, int64_t group, int64_t d, float scale, float* out,
+               int64_t stride) {
+  dot_heads_mv(q, k, heads, group, d, scale, out, stride);
+}
+
+void axpy_heads(float* acc, const float* w, int64_t stride, const float* v, int64_t heads, int64_t group,
+                int64_t d) {
+  axpy_heads_mv(acc, w, stride, v, heads, group, d);
+}
 
 }  // namespace mmcore::packed_attention::row_ops

@@ -35,10 +35,18 @@ void convert(const c10::Half* src, float* dst, int64_t n);
 void convert(const c10::BFloat16* src, float* dst, int64_t n);
 void convert(const float* src, c10::Half* dst, int64_t n);
 void convert(const float* src, c10::BFloat16* dst, int64_t n);
-// Dot product of two rows in float32: sum(a * b), upcasting half inputs.
+// Dot product of two rows in float32: sum(a * b), upcasting half inputs (the float32 one vectorised: its
+// summation order is not the sequential one).
 float dot(const float* a, const float* b, int64_t n);
 float dot(const c10::Half* a, const c10::Half* b, int64_t n);
 float dot(const c10::BFloat16* a, const c10::BFloat16* b, int64_t n);
+// The decode path's per-key loops over `heads` query heads (head h reads kv head h / group of k or v, d floats
+// each): out[h * stride] = scale * dot(q + h * d, k + (h / group) * d), and
+// acc[h * d + x] += w[h * stride] * v[(h / group) * d + x].
+void dot_heads(const float* q, const float* k, int64_t heads, int64_t group, int64_t d, float scale, float* out,
+               int64_t stride);
+void axpy_heads(float* acc, const float* w, int64_t stride, const float* v, int64_t heads, int64_t group,
+                int64_t d);
 
 inline double row_max(const double* x, int64_t n) { return *std::max_element(x, x + n); }
 
@@ -68,6 +76,20 @@ inline double dot(const double* a, const double* b, int64_t n) {
   double sum = 0;
   for (int64_t j = 0; j < n; ++j) sum += a[j] * b[j];
   return sum;
+}
+
+inline void dot_heads(const double* q, const double* k, int64_t heads, int64_t group, int64_t d, double scale,
+                      double* out, int64_t stride) {
+  for (int64_t h = 0; h < heads; ++h) out[h * stride] = scale * dot(q + h * d, k + (h / group) * d, d);
+}
+
+inline void axpy_heads(double* acc, const double* w, int64_t stride, const double* v, int64_t heads, int64_t group,
+                       int64_t d) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const double a = w[h * stride];
+    const double* x = v + (h / group) * d;
+    for (int64_t j = 0; j < d; ++j) acc[h * d + j] += a * x[j];
+  }
 }
 
 // Same-type "conversions" for the float32/float64 output paths.

@@ -141,6 +141,54 @@ def test_forward_head_dims_and_groups(d, heads, heads_kv):
     check_forward(Case([40, 130], [40, 130], heads, heads_kv, d, mode="causal"))
 
 
+# The forward's decode path: at most 4 queries in every segment (kRowsMaxQ in packed_attention_fwd.cpp; taken when
+# max_seqlen_q <= 4, so these cases pass the exact maximum): keys walked in order, per block of kv heads.
+DECODE_LAYOUTS = {
+    # one query per row of a KV cache, gap segments (keys, no queries) between them, a row past one key tile (512)
+    "cache_rows": ([0, 1, 0, 1, 0, 1, 0], [3, 40, 12, 700, 0, 1, 2]),
+    # a few queries: causal rows that see no key (lq > lk), a segment with queries and no keys
+    "few_rows": ([4, 2, 3, 2], [4, 600, 1, 0]),
+}
+
+
+def decode_case(layout, **kw):
+    lens_q, lens_k = DECODE_LAYOUTS[layout]
+    c = Case(lens_q, lens_k, **kw)
+    c.mq = max(lens_q)
+    return c
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("layout", list(DECODE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_decode_path_matches_reference(mode, layout, dtype):
+    check_forward(decode_case(layout, heads=4, heads_kv=2, dtype=dtype, mode=mode))
+
+
+@pytest.mark.parametrize("d", [32, 80, 128])
+@pytest.mark.parametrize("heads,heads_kv", [(4, 4), (6, 2), (3, 1), (8, 8)])
+def test_forward_decode_path_head_dims_and_groups(d, heads, heads_kv):
+    check_forward(decode_case("cache_rows", heads=heads, heads_kv=heads_kv, d=d, mode="causal"))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_forward_decode_path_one_segment_any_threads(threads):
+    """Few segments split the kv heads into blocks (two items per thread): every split gives the same answer."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        c = Case([1], [300], heads=12, heads_kv=6, d=64, mode="causal")
+        c.mq = 1
+        check_forward(c)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_backward_after_decode_path(mode):
+    check_backward(decode_case("few_rows", heads=4, heads_kv=2, mode=mode))
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_backward_matches_reference(mode, layout):

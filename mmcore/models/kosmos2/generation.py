@@ -268,15 +268,17 @@ def generate(
     cache.write_index = (rows[:, None] * max_len + cols[None, :])[keep]
     positions = (mask.cumsum(1) + t.pad_token_id)[keep]  # k-th real token of the row -> k + 1 + pad (= k + 2)
     layout = _layout(starts, plen, lengths, max_len, plen)
-    hidden = model.decode(ids[keep], positions, max_len + 2, layout, embeds, img_mask, cache)
-    last = hidden[lengths.cumsum(0) - 1]
+    ones = torch.ones(batch, dtype=torch.long, device=device)
+    # only each prompt's last token needs an output: the last layer computes those rows alone (its keys and values
+    # still fill the cache)
+    final = (lengths.cumsum(0) - 1, _layout(starts, plen, ones, max_len, 1))
+    last = model.decode(ids[keep], positions, max_len + 2, layout, embeds, img_mask, cache, keep=final)
 
     state = ops.DecodeState.create(ids, max_new_tokens, tokens, attention_mask=mask, seed=seed)
     if num_beams > 1:
         return _beam_decode(model, last, cache, state, starts, ids[::num_beams], num_beams, float(length_penalty),
                             no_repeat_ngram_size, min_new_tokens, constrain_boxes, tokens)  # fmt: skip
     check_every = 1 if device.type == "cpu" else FINISHED_CHECK_EVERY
-    ones = torch.ones(batch, dtype=torch.long, device=device)
     narrow = narrow_head and constrain_boxes and device.type == "cpu"
     screen = None
     weight = model.lm_head_weight

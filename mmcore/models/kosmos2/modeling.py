@@ -104,11 +104,14 @@ class DecoderAttention(nn.Module):
         self.inner_attn_ln = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.out_proj = Linear(d, d)
 
-    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0):
-        """x: (tokens, D) packed -> (tokens, D)."""
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0, keep=None):
+        """x: (tokens, D) packed -> (tokens, D); with ``keep = (rows, layout)``, only those rows' queries (keys and
+        values of every token still go to the cache) -> (len(rows), D)."""
         q, k, v = self.qkv(x).view(-1, 3, self.heads, self.head_dim).unbind(1)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if keep is not None:
+            q, layout = q[keep[0]], keep[1]
         out = ops.packed_attention(
             q.contiguous(),
             k.contiguous(),
@@ -121,7 +124,7 @@ class DecoderAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             validate=False,
         )
-        return self.out_proj(self.inner_attn_ln(out.reshape(x.shape)))
+        return self.out_proj(self.inner_attn_ln(out.reshape(q.shape[0], -1)))
 
 
 class DecoderBlock(nn.Module):
@@ -137,8 +140,11 @@ class DecoderBlock(nn.Module):
         self.act = ACTIVATIONS[config.activation_function]
         self.dropout, self.activation_dropout = config.dropout, config.activation_dropout
 
-    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0):
-        h = self.self_attn(self.self_attn_layer_norm(x), layout, cache, layer)
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, layer: int = 0, keep=None):
+        """x: (tokens, D) -> (tokens, D), or (len(rows), D) with ``keep = (rows, layout)`` (``DecoderAttention``)."""
+        h = self.self_attn(self.self_attn_layer_norm(x), layout, cache, layer, keep)
+        if keep is not None:
+            x = x[keep[0]]
         x = x + F.dropout(h, self.dropout, self.training)
         h = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout, self.training)
         h = self.fc2(self.ffn_layernorm(h))
@@ -166,13 +172,21 @@ class TextDecoder(nn.Module):
         # NOTE: transformers applies this dropout twice (embedding and decoder entry); the original applies it once.
         return F.dropout(x, self.config.dropout, self.training)
 
-    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None):
-        """x: (tokens, D) embedded -> (tokens, D) after the final LayerNorm."""
+    def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, keep=None):
+        """x: (tokens, D) embedded -> (tokens, D) after the final LayerNorm.
+
+        keep = (rows, layout of those rows' queries against the keys): only those rows' outputs are wanted (a
+        generation prefill needs each prompt's last token; the others only fill the KV cache). The last layer then
+        runs attention for those queries only and its feed-forward on those rows only -- a quarter of a 4-layer
+        prefill's matrix products -- and returns (len(rows), D)."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, layout, use_reentrant=False)
             else:
-                x = layer(x, layout, cache, i)
+                x = layer(x, layout, cache, i, keep if i == last else None)
+        if keep is not None and not self.layers:
+            x = x[keep[0]]
         return self.layer_norm(x)
 
 
@@ -294,10 +308,13 @@ class Kosmos2ForConditionalGeneration(nn.Module):
                 )
         return image_embeds
 
-    def decode(self, input_ids, positions, position_bound, layout, image_embeds=None, image_mask=None, cache=None):
-        """Packed decoder pass: (tokens,) ids -> (tokens, D) final hidden states."""
+    def decode(
+        self, input_ids, positions, position_bound, layout, image_embeds=None, image_mask=None, cache=None, keep=None
+    ):
+        """Packed decoder pass: (tokens,) ids -> (tokens, D) final hidden states (only ``keep``'s rows when given:
+        ``TextDecoder.forward``)."""
         x = self.text_model.embed(input_ids, positions, position_bound, image_embeds, image_mask)
-        return self.text_model(x, layout, cache)
+        return self.text_model(x, layout, cache, keep)
 
     def _loss(self, hidden, targets, labels_given: bool):
         if not labels_given:
