@@ -27,6 +27,12 @@ SCHEMAS: dict[str, str] = {
     # decoding-step logits (mmcore/ops/logits.py): hidden (B, D) @ weight[row_start:row_end].T (+ bias[rows]) ->
     # (B, row_end - row_start), float32 (float64 for float64 inputs). Inference only.
     "decode_logits": "(Tensor hidden, Tensor weight, Tensor? bias, int row_start, int row_end) -> Tensor",
+    # int8 screening logits (csrc/decoding/logits_int8.cpp; ScreenedHead kind "int8"): hidden (B, D) uint8 (q + 128),
+    # weight int8 packed (V_pad / 16, D / 4, 16, 4), offsets (V_pad,) int32 (128 x row sums), weight_scale (V_pad,)
+    # and hidden_scale (B,) float32 -> (B, vocab) float32 float(sum - offset) * weight_scale * hidden_scale.
+    "decode_logits_int8": (
+        "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, int vocab) -> Tensor"
+    ),
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).

@@ -43,6 +43,11 @@ def _fake(hidden, weight, bias, row_start, row_end):
     return hidden.new_empty((hidden.shape[0], row_end - row_start), dtype=dtype)
 
 
+@torch.library.register_fake("mmcore::decode_logits_int8")
+def _fake_int8(hidden, weight, offsets, weight_scale, hidden_scale, vocab):
+    return hidden.new_empty((hidden.shape[0], vocab), dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
     pass
 
@@ -182,6 +187,32 @@ _SCREEN_SAMPLE_ROWS = 16
 _SCREEN_CHUNK_ROWS = 8192
 
 
+# int8 screen: the relative rounding allowance of its approximate logits (float64 products rounded once to float32)
+# and of the bounds' own arithmetic; the largest D whose int32 sums cannot wrap (255 * 127 * D < 2**31).
+_INT8_U2 = 8 * _U32
+_INT8_MAX_DIM = 66000
+
+
+def _int8_fast() -> bool:
+    """Whether ``decode_logits_int8`` has its AVX512-VNNI kernel on this CPU (else a scalar loop)."""
+    from mmcore import _extension
+
+    ext = _extension.extension()
+    return ext is not None and hasattr(ext, "int8_dot_fast") and bool(ext.int8_dot_fast())
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes of each row of float64 ``x`` (holding float32 values): (scale (rows,) float32 =
+    max|x| / 127 rounded, codes (rows, D) float64 integers in [-127, 127], residual x - scale * codes). The residual
+    is computed in float64 from the rounded scale (scale * code is exact there: 24 + 7 bits), so it is the residual
+    of these codes to within float64 rounding, whatever the scale's own rounding; an all-zero row (or one whose
+    scale underflows) gets codes 0 and keeps x as its residual."""
+    scale = (x.abs().amax(1) / 127).float()
+    s = scale.double()[:, None]
+    codes = torch.where(s > 0, (x / s.clamp_min(1e-300)).round().clamp(-127, 127), 0.0)
+    return scale, codes, x - s * codes
+
+
 def _bfloat16_flushed(x: torch.Tensor) -> torch.Tensor:
     """x in bfloat16 (round to nearest even), with bfloat16 subnormals set to zero, as vdpbf16ps reads them."""
     low = x.to(torch.bfloat16)
@@ -189,73 +220,122 @@ def _bfloat16_flushed(x: torch.Tensor) -> torch.Tensor:
 
 
 class ScreenedHead:
-    """The float32 output head of greedy decoding, screened in bfloat16: for each hidden state, bounds on every
-    logit from bfloat16 copies of the weight and of the hidden state (half the bytes to read, AVX512-BF16 dot
-    products at twice the FMA rate where the CPU has them), so that only the few rows that can still be the largest
-    need the float32 product -- and the token chosen is the one the float32 head chooses.
+    """The float32 output head of greedy decoding, screened from low-precision copies: for each hidden state, bounds
+    on every logit from 8-bit (``kind="int8"``) or bfloat16 (``kind="bfloat16"``) copies of the weight and of the
+    hidden state -- a quarter or half of the weight's bytes to read, and integer or bfloat16 dot products at four or
+    two times the float32 rate where the CPU has AVX512-VNNI or AVX512-BF16 -- so that only the few rows that can
+    still be the largest need the float32 product, and the token chosen is the one the float32 head chooses.
 
-    The bound. For weight row w and hidden state h (float32, D entries) and their bfloat16 copies w' = w + e and
-    h' = h + f (bfloat16 subnormals flushed to zero, as vdpbf16ps does; e and f are exact in float32), the float32
-    logit the kernel computes, L = fl(h.w), and the screening one, L' = fl(h'.w'), satisfy (any summation order;
-    Higham, *Accuracy and Stability of Numerical Algorithms*, section 3.1; Cauchy-Schwarz for the sums):
+    The bounds. L = fl(h.w) is the float32 logit the kernel computes for weight row w and hidden state h (D entries),
+    within g ||h|| ||w|| of h.w (any summation order, g = D u / (1 - D u), u = 2**-24; Higham, *Accuracy and
+    Stability of Numerical Algorithms*, section 3.1); the screening value L' comes from copies w' = w - e, h' = h - f,
+    and h.w - h'.w' = h.e + f.w' (Cauchy-Schwarz for each term).
 
-        |L - L'| <= |h.e| + |f.w'| + g ||h|| ||w|| + g ||h'|| ||w'||
-                 <= (||h|| + ||f||) * (||e|| + g (||w|| + ||w'||)) + ||f|| ||w'||,
+    - ``"int8"``: w' = s_w q_w with q_w = round(w / s_w) in [-127, 127], s_w = max|w| / 127 in float32, per row; h'
+      the same per hidden state. L' = (q_h.q_w, exact in int32) * s_w * s_h in float64, rounded to float32 (within
+      u |h'.w'| and the subnormal term). So |L - L'| <= ||h|| (||e|| + g ||w|| + u2 ||w'||) + ||f|| (1 + u2) ||w'|| with u2 = 8 u (the
+      roundings of L' and of the bounds' own arithmetic). The norms are computed in float64 from exact float64
+      differences and rounded up. Kernel: ``decode_logits_int8`` (csrc/decoding/logits_int8.cpp), AVX512-VNNI or a
+      scalar loop with identical results. D up to 66,000 (int32 sums); the default where the CPU has AVX512-VNNI.
+    - ``"bfloat16"``: w', h' the bfloat16 roundings (subnormals flushed to zero, as vdpbf16ps reads them), L' their
+      float32-accumulated product (AVX512-BF16 ``decode_logits``), so |L - L'| <= (||h|| + ||f||)(||e|| + g (||w|| +
+      ||w'||)) + ||f|| ||w'||, norms in float32 inflated for their own rounding and by sqrt(D) 2**-63 for entries
+      whose squares underflow, with a slack of 16 u max ||w|| for the float32 arithmetic of the bounds themselves.
 
-    with g = D u / (1 - D u), u = 2**-24, and ||h'|| <= ||h|| + ||f||. ``row_error`` holds the second bracket per row
-    and ``low_norm`` holds ||w'||, each with its float32 norms inflated by their own rounding error and by
-    sqrt(D) 2**-63 for entries whose squares underflow (and ``row_error`` with a slack of 16 u max ||w|| for the
-    float32 arithmetic of the bounds themselves); an absolute 2 D 2**-126 covers results flushed or rounded in the
-    subnormal range. A row whose upper bound is below the largest lower bound among the tokens the step allows
-    cannot be chosen; the rest (a handful: bfloat16 keeps 8 bits, so the interval is ~0.5 % of ||h|| ||w||) are
-    computed exactly with the float32 kernel, whose value for a row does not depend on which other rows it computes.
-    mmcore.models.kosmos2.generation uses it.
+    Both add an absolute 2 D 2**-126 for results flushed or rounded in the subnormal range. Each kind keeps a (3, V)
+    table, so that the error bound of every logit is one (B, 3) x (3, V) product. A row whose upper bound is below the
+    largest lower bound among the tokens the step allows cannot be chosen; the rest (a handful: the interval is
+    ~1 % of ||h|| ||w|| for int8, ~0.5 % for bfloat16) are computed exactly with the float32 kernel, whose value for a
+    row does not depend on which other rows it computes. mmcore.models.kosmos2.generation uses it.
 
-    weight: (V, D) float32 on the CPU. Holds the bfloat16 copy (half the weight's bytes) and two (V,) float32
-    tables. ``matches(weight)`` tells whether it was built from this tensor in its current state. Needs the C++
-    kernel (``available()``): the exact rows must be computed the way the whole head is.
+    weight: (V, D) float32 on the CPU; kind: None picks ``"int8"`` where the CPU has AVX512-VNNI, else
+    ``"bfloat16"``. Holds the low-precision copy and its tables. ``matches(weight)`` tells whether it was built from
+    this tensor in its current state. Needs the C++ kernels (``available()``): the exact rows must be computed the
+    way the whole head is.
     """
 
-    def __init__(self, weight: torch.Tensor):
+    KINDS = ("int8", "bfloat16")
+
+    def __init__(self, weight: torch.Tensor, kind: str | None = None):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
             raise TypeError("ScreenedHead needs a (V, D) float32 weight")
         if weight.device.type != "cpu":
-            raise ValueError(f"ScreenedHead runs on the CPU (the bfloat16 kernel is C++), got {weight.device}")
+            raise ValueError(f"ScreenedHead runs on the CPU (its kernels are C++), got {weight.device}")
+        if kind is None:
+            kind = "int8" if _int8_fast() and weight.shape[1] <= _INT8_MAX_DIM else "bfloat16"
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS} or None, got {kind!r}")
+        if kind == "int8" and weight.shape[1] > _INT8_MAX_DIM:
+            raise ValueError(f"kind 'int8' takes D <= {_INT8_MAX_DIM} (int32 sums), got D = {weight.shape[1]}")
+        self.kind = kind
+        dim = weight.shape[1]
+        self._g = dim * _U32 / (1 - dim * _U32)
+        self._underflow = 2 * dim * 2.0**-126  # products and sums flushed or rounded in the subnormal range
         with torch.no_grad():
             self.weight = weight.detach()
-            self.low = _bfloat16_flushed(self.weight)
-            dim = weight.shape[1]
-            g = dim * _U32 / (1 - dim * _U32)
-            err, low_norm = torch.empty(weight.shape[0]), torch.empty(weight.shape[0])
-            top = 0.0
-            # A float32 norm is within g of the norm of the entries whose squares are normal (|x| >= 2**-63);
-            # the others add at most sqrt(D) 2**-63 (triangle inequality): ``tiny``.
-            tiny = dim**0.5 * _SMALLEST_NORMAL**0.5
-            for r in range(0, weight.shape[0], _SCREEN_CHUNK_ROWS):
-                w = self.weight[r : r + _SCREEN_CHUNK_ROWS]
-                low = self.low[r : r + _SCREEN_CHUNK_ROWS].float()
-                norm = w.norm(dim=1) + tiny
-                low_norm[r : r + w.shape[0]] = low.norm(dim=1) + tiny
-                # w - low is exact in float32 (the bits bfloat16 dropped)
-                err[r : r + w.shape[0]] = (w - low).norm(dim=1) + tiny + g * (norm + low_norm[r : r + w.shape[0]])
-                top = max(top, float(norm.max()) if norm.numel() else 0.0)
-            # The norms' own rounding (within g each) and the sums': a relative 4 g and 2**-20 on top.
-            inflate = (1 + 4 * g) * (1 + 2**-20)
-            # (3, V): coefficients (B, 3) times this are every bound; the third row takes the absolute term
-            self._table = torch.stack([(err + 16 * _U32 * top) * inflate, low_norm * inflate, torch.ones_like(err)])
-            self.row_error, self.low_norm = self._table[0], self._table[1]
-            # the largest entries, for the overflow test of ``bounds``: [row_error + low_norm, low_norm]
+            if kind == "int8":
+                self._build_int8()
+            else:
+                self._build_bfloat16()
+            # the largest entries, for the overflow test of ``bounds``: |L'| + error <= coef[:, :2] @ _table_max
             self._table_max = (
-                torch.stack([(self.row_error + self.low_norm).max(), self.low_norm.max()]).nan_to_num(torch.inf)
-                if weight.shape[0]
-                else torch.zeros(2)
+                self._table_max.nan_to_num(torch.inf) if weight.shape[0] else torch.zeros(2, dtype=torch.float32)
             )
-            self._norm_factor = 1 + 4 * g  # ||h|| and ||f|| computed in float32 (a sum of D squares, a square root)
-            self._tiny = tiny
-            self._underflow = 2 * dim * 2.0**-126  # products and sums flushed or rounded in the subnormal range
         self._key = (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
         self._sample_rows = torch.linspace(0, weight.shape[0] - 1, min(_SCREEN_SAMPLE_ROWS, weight.shape[0])).long()
         self._sample = self.weight[self._sample_rows].clone()
+
+    def _build_bfloat16(self) -> None:
+        weight, g = self.weight, self._g
+        dim = weight.shape[1]
+        self.low = _bfloat16_flushed(weight)
+        err, low_norm = torch.empty(weight.shape[0]), torch.empty(weight.shape[0])
+        top = 0.0
+        # A float32 norm is within g of the norm of the entries whose squares are normal (|x| >= 2**-63); the others
+        # add at most sqrt(D) 2**-63 (triangle inequality): ``tiny``.
+        tiny = dim**0.5 * _SMALLEST_NORMAL**0.5
+        for r in range(0, weight.shape[0], _SCREEN_CHUNK_ROWS):
+            w = weight[r : r + _SCREEN_CHUNK_ROWS]
+            low = self.low[r : r + _SCREEN_CHUNK_ROWS].float()
+            norm = w.norm(dim=1) + tiny
+            low_norm[r : r + w.shape[0]] = low.norm(dim=1) + tiny
+            # w - low is exact in float32 (the bits bfloat16 dropped)
+            err[r : r + w.shape[0]] = (w - low).norm(dim=1) + tiny + g * (norm + low_norm[r : r + w.shape[0]])
+            top = max(top, float(norm.max()) if norm.numel() else 0.0)
+        # The norms' own rounding (within g each) and the sums': a relative 4 g and 2**-20 on top.
+        inflate = (1 + 4 * g) * (1 + 2**-20)
+        row_error, low_norm = (err + 16 * _U32 * top) * inflate, low_norm * inflate
+        self._table = torch.stack([row_error, low_norm, torch.ones_like(err)])
+        self._table_max = torch.stack([(row_error + low_norm).max(), low_norm.max()]) if err.numel() else None
+        self._norm_factor = 1 + 4 * g  # ||h|| and ||f|| computed in float32 (a sum of D squares, a square root)
+        self._tiny = tiny
+
+    def _build_int8(self) -> None:
+        weight, g = self.weight, self._g
+        vocab, dim = weight.shape
+        padded_v, padded_d = -(-vocab // 16) * 16, -(-dim // 4) * 4
+        q = torch.zeros(padded_v, padded_d, dtype=torch.int8)
+        scale = torch.zeros(padded_v, dtype=torch.float32)
+        table = torch.zeros(3, vocab, dtype=torch.float64)
+        for r in range(0, vocab, _SCREEN_CHUNK_ROWS):
+            w = weight[r : r + _SCREEN_CHUNK_ROWS].double()
+            s, qw, e = _quantize_rows(w)
+            scale[r : r + w.shape[0]] = s
+            q[r : r + w.shape[0], :dim] = qw.to(torch.int8)
+            norm, err, low_norm = w.norm(dim=1), e.norm(dim=1), (qw * s.double()[:, None]).norm(dim=1)
+            table[0, r : r + w.shape[0]] = err + g * norm + _INT8_U2 * low_norm
+            table[1, r : r + w.shape[0]] = (1 + _INT8_U2) * low_norm
+        table[:2] *= 1 + 2**-18  # float64 norms rounded, then float32 rounding of the tables and of the bounds' sums
+        table[2] = 1.0
+        self._table = table.float()
+        self._table_max = (
+            torch.stack([(self._table[0] + self._table[1]).max(), 2 * self._table[1].max()]) if vocab else None
+        )
+        self._offsets = q.sum(1, dtype=torch.int32) * 128
+        # (V_pad / 16, D_pad / 4, 16, 4): 4 columns of 16 rows per 64 bytes (the kernel's vpdpbusd operand)
+        self._packed = q.view(padded_v // 16, 16, padded_d // 4, 4).permute(0, 2, 1, 3).contiguous()
+        self._scale = scale
+        self._padded_d = padded_d
 
     @staticmethod
     def available() -> bool:
@@ -273,14 +353,27 @@ class ScreenedHead:
     def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32; None when
         ``hidden`` is not finite or a logit or bound could overflow float32 (then nothing can be screened)."""
-        low = _bfloat16_flushed(hidden)
-        gap = (hidden - low.float()).norm(dim=1) + self._tiny
-        coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
-        # |logit| <= ||h'|| ||w'|| <= coef[:, 0] max ||w'||; the errors are at most coef @ max(table)
+        if self.kind == "int8":
+            h = hidden.double()
+            if not bool(torch.isfinite(h).all()):
+                return None
+            scale, q, f = _quantize_rows(h)
+            coef = (torch.stack([h.norm(dim=1), f.norm(dim=1)], dim=1) * (1 + 2**-18)).float()  # rounded up
+        else:
+            low = _bfloat16_flushed(hidden)
+            gap = (hidden - low.float()).norm(dim=1) + self._tiny
+            coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
         if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
             return None
         coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        approx = decode_logits(low, self.low, backend="cpp")
+        if self.kind == "int8":
+            codes = torch.full((hidden.shape[0], self._padded_d), 128, dtype=torch.uint8)
+            codes[:, : hidden.shape[1]] = (q + 128).to(torch.uint8)
+            approx = _library.op("decode_logits_int8")(
+                codes, self._packed, self._offsets, self._scale, scale, self.weight.shape[0]
+            )
+        else:
+            approx = decode_logits(low, self.low, backend="cpp")
         return torch.addmm(approx, coef, self._table, alpha=-1), approx.addmm_(coef, self._table)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

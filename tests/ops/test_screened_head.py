@@ -1,10 +1,19 @@
-"""ScreenedHead: its bounds hold around the float32 head's logits, its exact rows are the whole head's bit for bit,
-and the candidates it leaves always contain the token greedy decoding chooses -- near ties included."""
+"""ScreenedHead, both kinds (int8 and bfloat16 copies): its bounds hold around the float32 head's logits, its exact
+rows are the whole head's bit for bit, and the candidates it leaves always contain the token greedy decoding chooses
+-- near ties included; and the int8 kernel (``mmcore::decode_logits_int8``) against a reference of its arithmetic,
+on its AVX512-VNNI path and its scalar one."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from mmcore import ops
+from mmcore.ops import logits
+from mmcore.ops._library import op
 from mmcore.models.kosmos2 import generation
 
 pytestmark = pytest.mark.skipif(not ops.ScreenedHead.available(), reason="mmcore._C has no decode_logits kernel")
@@ -23,46 +32,72 @@ def weights(v, d, kind, seed=0):
         return w * torch.logspace(-6, 6, v)[:, None]
     if kind == "subnormal":  # rows below the smallest normal: flushed to zero in the bfloat16 copy
         return w * torch.logspace(-40, -30, v)[:, None]
+    if kind == "outliers":  # one entry per row 1,000x the others: int8's per-row scale leaves the rest few levels
+        w[torch.arange(v), torch.randint(0, d, (v,), generator=g)] *= 1000
+        return w * 0.02
+    if kind == "zero-rows":  # a padding row (Kosmos-2's embedding has one) and a row of one tiny entry
+        w[::7] = 0
+        w[3] = 0
+        w[3, 1] = 1e-42
+        return w * 0.02
     return w * 0.02
 
 
-@pytest.mark.parametrize("kind", ["normal", "bf16-exact", "large", "small", "mixed", "subnormal"])
-@pytest.mark.parametrize("b, d", [(1, 64), (3, 100), (4, 512)])
-def test_bounds_contain_the_float32_logits(kind, b, d):
+KINDS = ops.ScreenedHead.KINDS
+WEIGHT_KINDS = ["normal", "bf16-exact", "large", "small", "mixed", "subnormal", "outliers", "zero-rows"]
+
+
+@pytest.mark.parametrize("screen", KINDS)
+@pytest.mark.parametrize("kind", WEIGHT_KINDS)
+@pytest.mark.parametrize("b, d", [(1, 64), (3, 100), (4, 512), (2, 7)])
+def test_bounds_contain_the_float32_logits(screen, kind, b, d):
     w = weights(517, d, kind)
-    head = ops.ScreenedHead(w)
+    head = ops.ScreenedHead(w, screen)
     for seed in range(5):
         hidden = torch.randn(b, d, generator=torch.Generator().manual_seed(100 + seed)) * (10.0**seed)
+        if seed == 4:
+            hidden[0] = 0  # an all-zero hidden state
+            hidden[-1, 1:] *= 1e-30  # one dominant entry
         exact = ops.decode_logits(hidden, w)
         lower, upper = head.bounds(hidden)
         assert bool((lower <= exact).all()) and bool((exact <= upper).all())
 
 
-def test_bounds_are_tight_enough_to_screen():
-    """bfloat16 keeps 8 bits: the interval is ~0.5 % of ||h|| ||w||, far narrower than the logits' spread."""
+@pytest.mark.parametrize("screen, width_max, kept_max", [("int8", 0.05, 80), ("bfloat16", 0.01, 40)])
+def test_bounds_are_tight_enough_to_screen(screen, width_max, kept_max):
+    """bfloat16 keeps 8 bits: the interval is ~0.5 % of ||h|| ||w||; int8's per-row scale ~3 %: both far narrower
+    than the logits' spread."""
     w = weights(4099, 512, "normal")
-    hidden = torch.randn(2, 512)
-    lower, upper = ops.ScreenedHead(w).bounds(hidden)
+    hidden = torch.randn(2, 512, generator=torch.Generator().manual_seed(7))
+    lower, upper = ops.ScreenedHead(w, screen).bounds(hidden)
     width = (upper - lower) / (hidden.norm(dim=1, keepdim=True) * w.norm(dim=1))
-    assert float(width.max()) < 0.01
+    assert float(width.max()) < width_max
     exact = ops.decode_logits(hidden, w)
     kept = upper >= lower.amax(1, keepdim=True)
-    assert int(kept.sum(1).max()) < 40, kept.sum(1)  # of 4,099 rows
+    assert int(kept.sum(1).max()) < kept_max, kept.sum(1)  # of 4,099 rows
     assert bool(kept.gather(1, exact.argmax(1, keepdim=True)).all()), "the argmax is among them"
 
 
+def test_default_kind_follows_the_cpu():
+    head = ops.ScreenedHead(weights(40, 16, "normal"))
+    assert head.kind == ("int8" if logits._int8_fast() else "bfloat16")
+    assert ops.ScreenedHead(weights(40, 16, "normal"), "bfloat16").kind == "bfloat16"
+
+
+@pytest.mark.parametrize("screen", KINDS)
 @pytest.mark.parametrize("b", [1, 2, 5])
 @pytest.mark.parametrize("d", [7, 64, 100])
-def test_exact_rows_equal_the_whole_head_bit_for_bit(b, d):
+def test_exact_rows_equal_the_whole_head_bit_for_bit(screen, b, d):
     w = weights(301, d, "normal")
     hidden = torch.randn(b, d)
-    head = ops.ScreenedHead(w)
+    head = ops.ScreenedHead(w, screen)
     rows = torch.tensor([0, 5, 6, 7, 99, 100, 250, 300])
     assert torch.equal(head.exact(hidden, rows), ops.decode_logits(hidden, w)[:, rows])
 
 
-def test_bounds_refuse_what_could_overflow_or_is_not_finite():
-    head = ops.ScreenedHead(weights(64, 16, "large"))
+@pytest.mark.parametrize("screen", KINDS)
+def test_bounds_refuse_what_could_overflow_or_is_not_finite(screen):
+    head = ops.ScreenedHead(weights(64, 16, "large"), screen)
     assert head.bounds(torch.ones(2, 16)) is not None
     assert head.bounds(torch.full((2, 16), 1e34)) is None, "logits near float32's limit"
     bad = torch.ones(2, 16)
@@ -72,7 +107,7 @@ def test_bounds_refuse_what_could_overflow_or_is_not_finite():
     assert head.bounds(bad) is None
     w = weights(64, 16, "normal")
     w[5, 0] = torch.inf
-    assert ops.ScreenedHead(w).bounds(torch.ones(1, 16)) is None
+    assert ops.ScreenedHead(w, screen).bounds(torch.ones(1, 16)) is None
 
 
 def test_matches_follows_the_weight():
@@ -102,6 +137,13 @@ def test_bad_weight(weight, error, match):
         ops.ScreenedHead(weight)
 
 
+def test_bad_kind():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ops.ScreenedHead(torch.randn(4, 8), "fp8")
+    with pytest.raises(ValueError, match="D <= 66000"):
+        ops.ScreenedHead(torch.randn(1, 66004), "int8")
+
+
 def _step_options(**kw):
     options = dict(no_repeat_ngram_size=0, min_new_tokens=0, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
                    constrain_boxes=True, backend=None)  # fmt: skip
@@ -109,8 +151,9 @@ def _step_options(**kw):
     return options
 
 
+@pytest.mark.parametrize("screen", KINDS)
 @pytest.mark.parametrize("ngram", [0, 1, 3])
-def test_screened_step_chooses_what_the_whole_head_chooses_at_near_ties(ngram):
+def test_screened_step_chooses_what_the_whole_head_chooses_at_near_ties(screen, ngram):
     """Rows in near-identical pairs (equal in bfloat16, a few float32 ulps apart) and a hidden state aimed at them:
     the bfloat16 logits cannot tell the pair apart, the exact ones can, and the step must take the exact winner --
     also when n-gram blocking bans the leaders (ngram=1 bans every token already in the row)."""
@@ -124,7 +167,7 @@ def test_screened_step_chooses_what_the_whole_head_chooses_at_near_ties(ngram):
         w = base.clone()
         # rows 10..29 become copies of row 10 nudged below bfloat16's resolution
         w[10:30] = base[10] * (1 + torch.randint(-40, 40, (20, 1), generator=g) * 2.0**-23)
-        head = ops.ScreenedHead(w)
+        head = ops.ScreenedHead(w, screen)
         hidden = base[10][None].repeat(2, 1) + 0.01 * torch.randn(2, d, generator=g)
         prompt = torch.randint(3, 100, (2, 6), generator=g)
         prompt[0, 2:] = torch.arange(10, 14) + trial % 8  # some of the leaders already seen (banned for ngram=1)
@@ -142,7 +185,8 @@ def test_screened_step_chooses_what_the_whole_head_chooses_at_near_ties(ngram):
     assert agree > 10
 
 
-def test_screened_step_with_every_token_banned_takes_the_grammars_first():
+@pytest.mark.parametrize("screen", KINDS)
+def test_screened_step_with_every_token_banned_takes_the_grammars_first(screen):
     """A row whose allowed tokens are all banned (n-gram 1 with every text token already seen) falls back to the
     grammar's first token, with or without the screen."""
     tokens = ops.GroundingTokens(phrase_open=6, phrase_close=7, object_open=8, object_close=9, delimiter=10,
@@ -150,7 +194,7 @@ def test_screened_step_with_every_token_banned_takes_the_grammars_first():
     prompt = torch.tensor([[0, 3, 8, 11, 14, 9, 6, 5, 7]])  # ends with </phrase>: only <object>, already seen
     w = torch.randn(16, 8)
     hidden = torch.randn(1, 8)
-    head = ops.ScreenedHead(w)
+    head = ops.ScreenedHead(w, screen)
     options = _step_options(no_repeat_ngram_size=1)
     state = ops.DecodeState.create(prompt, 2, tokens)
     twin = state.clone()
@@ -160,3 +204,73 @@ def test_screened_step_with_every_token_banned_takes_the_grammars_first():
     want = ops.grounded_decode_step(ops.decode_logits(hidden, w), twin, tokens, **options)
     assert torch.equal(got, want)
     assert int(got) == tokens.object_open
+
+
+# ------------------------------------------------------------------------------------ the int8 kernel
+
+
+def int8_problem(b, v, d, seed=0):
+    """The kernel's operands as ScreenedHead builds them, and the reference of its arithmetic: exact integer sums,
+    then double(sum) * s_w * s_h rounded to float32."""
+    g = torch.Generator().manual_seed(seed)
+    head = ops.ScreenedHead(torch.randn(v, d, generator=g), "int8")
+    scale, codes, _ = logits._quantize_rows(torch.randn(b, d, generator=g).double())
+    packed_d = head._padded_d
+    hidden = torch.full((b, packed_d), 128, dtype=torch.uint8)
+    hidden[:, :d] = (codes + 128).to(torch.uint8)
+    q = head._packed.permute(0, 2, 1, 3).reshape(-1, packed_d)[:v].long()  # back to (V, D_pad)
+    sums = (hidden.long() - 128) @ q.T  # exact
+    want = (sums.double() * head._scale[:v].double() * scale.double()[:, None]).float()
+    args = (hidden, head._packed, head._offsets, head._scale, scale, v)
+    return args, want
+
+
+@pytest.mark.parametrize("b", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("v, d", [(16, 4), (301, 100), (517, 7), (40, 512)])
+def test_int8_kernel_matches_its_arithmetic_exactly(b, v, d):
+    args, want = int8_problem(b, v, d)
+    got = op("decode_logits_int8")(*args)
+    assert got.dtype == torch.float32 and got.shape == (b, v)
+    assert torch.equal(got, want)
+
+
+def test_int8_scalar_path_gives_the_same_results(tmp_path):
+    """MMCORE_DISABLE_AVX512VNNI=1: the path of CPUs without AVX512-VNNI, bit for bit the same."""
+    args, want = int8_problem(6, 301, 100, seed=3)
+    torch.save(dict(args=args), tmp_path / "in.pt")
+    script = (
+        "import sys, torch\n"
+        "import mmcore.ops\n"
+        "from mmcore import _extension\n"
+        "from mmcore.ops._library import op\n"
+        "assert not _extension.extension().int8_dot_fast()\n"
+        "torch.save(op('decode_logits_int8')(*torch.load(sys.argv[1])['args']), sys.argv[2])\n"
+    )
+    env = {**os.environ, "MMCORE_DISABLE_AVX512VNNI": "1"}
+    subprocess.run([sys.executable, "-c", script, tmp_path / "in.pt", tmp_path / "out.pt"], env=env, check=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "avx512_vnni" in cpuinfo.read_text():
+        assert logits._int8_fast(), "this CPU has AVX512-VNNI: the direct calls above took that path"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hidden=lambda t: t.to(torch.int8)), "hidden must be uint8"),
+        (dict(weight=lambda t: t.to(torch.uint8)), "weight must be int8"),
+        (dict(hidden=lambda t: t[:, :-4]), "packed as"),
+        (dict(weight=lambda t: t.reshape(t.shape[0], -1)), "packed as"),
+        (dict(offsets=lambda t: t[:-1]), "offsets must have shape"),
+        (dict(weight_scale=lambda t: t.double()), "weight_scale must be Float"),
+        (dict(hidden_scale=lambda t: t[:1]), "hidden_scale must have shape"),
+        (dict(vocab=lambda n: n + 16), "vocab must be within the last panel"),
+        (dict(vocab=lambda n: n - 16), "vocab must be within the last panel"),
+    ],
+)
+def test_int8_kernel_validation(change, match):
+    args, _ = int8_problem(2, 40, 12)
+    names = ["hidden", "weight", "offsets", "weight_scale", "hidden_scale", "vocab"]
+    args = [change[n](a) if n in change else a for n, a in zip(names, args, strict=True)]
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        op("decode_logits_int8")(*args)
