@@ -33,6 +33,9 @@ SCHEMAS: dict[str, str] = {
     "decode_logits_int8": (
         "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, int vocab) -> Tensor"
     ),
+    # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with upper[r, c] >= floor[r] and
+    # scores[r, c] > -inf for some row r; upper, scores (B, V) and floor (B,) float32.
+    "screen_candidates": "(Tensor upper, Tensor scores, Tensor floor) -> Tensor",
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).

@@ -274,3 +274,30 @@ def test_int8_kernel_validation(change, match):
     args = [change[n](a) if n in change else a for n, a in zip(names, args, strict=True)]
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         op("decode_logits_int8")(*args)
+
+
+@pytest.mark.parametrize("b, v", [(1, 7), (3, 301), (8, 4099), (2, 0), (0, 5)])
+def test_screen_candidates_is_the_union_of_allowed_rows_above_the_floor(b, v):
+    g = torch.Generator().manual_seed(v)
+    upper = torch.randn(b, v, generator=g)
+    scores = torch.randn(b, v, generator=g)
+    scores[torch.rand(b, v, generator=g) < 0.3] = -torch.inf  # banned
+    if v > 2 and b:
+        upper[0, 1] = torch.nan  # never a candidate
+        upper[0, 2] = torch.inf
+    floor = torch.full((b,), 1.5)
+    if b > 1:
+        floor[1] = torch.inf  # a finished row: no candidates of its own
+    want = ((upper >= floor[:, None]) & (scores > -torch.inf)).any(0).nonzero().flatten() if b else torch.zeros(0)
+    got = op("screen_candidates")(upper, scores, floor)
+    assert got.dtype == torch.int64 and torch.equal(got, want.long())
+
+
+def test_screen_candidates_validation():
+    x = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match="one shape"):
+        op("screen_candidates")(x, torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="floor must have shape"):
+        op("screen_candidates")(x, x, torch.zeros(3))
+    with pytest.raises(TypeError, match="float32"):
+        op("screen_candidates")(x.double(), x.double(), torch.zeros(2).double())

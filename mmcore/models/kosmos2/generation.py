@@ -27,7 +27,7 @@ import torch
 from mmcore import ops
 from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
 from mmcore.models.layers.beam import BeamSearch, check_num_beams
-from mmcore.ops import decoding
+from mmcore.ops import _library, decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps
 # A screen that leaves more than this fraction of the vocabulary is not worth its gather: the whole head instead.
@@ -106,8 +106,7 @@ def _screened_logits(screen, hidden, state, tokens, step_options) -> torch.Tenso
     if not bool(torch.isfinite(floor).all()):
         return None
     floor.masked_fill_(state.finished[:, None], torch.inf)  # finished rows take pad whatever the logits
-    row, col = (upper >= floor).nonzero().unbind(1)
-    rows = col[scores[row, col] > -torch.inf].unique()  # the allowed ones
+    rows = _library.op("screen_candidates")(upper, scores, floor[:, 0])  # the allowed ones that may still win
     if rows.numel() > SCREEN_MAX_FRACTION * lower.shape[1]:
         return None
     logits = torch.full_like(lower, -torch.inf)
