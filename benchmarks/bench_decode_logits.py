@@ -10,8 +10,10 @@ call, rather than re-reading one 2-8 MB slice from the L3 cache.
 At these batches the product is bound by reading the weight, so the work is counted in float32 weight bytes,
 ``R * D * 4`` (R = rows computed), and throughput is in bytes/s. For the whole vocabulary a further row times the
 bfloat16 form (hidden states and weights in bfloat16, float32 sums: AVX512-BF16 dot products where the CPU has them),
-what greedy generation's screened head (``ops.ScreenedHead``) reads each step; it stands in for the same float32
-bytes, so its bytes/s are the float32 product's equivalent. A third row, ``weight.sum()`` over the same rows,
+what greedy generation's screened head (``ops.ScreenedHead``) reads each step on CPUs without AVX512-VNNI, and a
+row for the int8 screen's whole pass (``ScreenedHead(weight, "int8").bounds``: quantising the hidden states, the
+8-bit product, both bounds), what it reads where the CPU has VNNI; they stand in for the same float32 bytes, so
+their bytes/s are the float32 product's equivalent. A third row, ``weight.sum()`` over the same rows,
 is the machine's read bandwidth for reference: ``x vs weight.sum`` near 1 means the kernel streams the weight as
 fast as a plain reduction does.
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from _harness import Case, Impl, parse_args, report, run_cases
 
-from mmcore.ops import GroundingTokens, available_backends, decode_logits, decode_logits_ref
+from mmcore.ops import GroundingTokens, ScreenedHead, available_backends, decode_logits, decode_logits_ref
 
 VOCAB, VOCAB_QUICK = 65037, 8192
 WIDTHS = (512, 2048)
@@ -104,6 +106,16 @@ def main(argv=None):
                                 work,
                                 threads=threads,
                                 note="bfloat16 copies (the screened head's read); work: the float32 bytes",
+                            )
+                        )
+                        impls.append(
+                            Impl(
+                                "ScreenedHead int8 bounds",
+                                lambda h=hidden, s=ScreenedHead(weight, "int8"): s.bounds(h),
+                                work,
+                                threads=threads,
+                                note="8-bit copies, lower and upper bounds of every logit (the screened head's "
+                                "pass on AVX512-VNNI CPUs); work: the float32 bytes",
                             )
                         )
                     impls += [

@@ -6,7 +6,7 @@ reading the weight, and ATen's GEMV/GEMM reads it at a fraction of the memory ba
 kernel (csrc/decoding/logits.cpp) streams each weight row once and dots it with all B hidden states. ``rows``
 restricts the product to a contiguous range of vocabulary ids -- the 1,024 location tokens, when the box
 grammar allows nothing else -- and returns only those columns. ``ScreenedHead`` (below) serves greedy decoding
-from bfloat16 copies with exact bounds, computing in float32 only the rows that can still be chosen.
+from 8-bit or bfloat16 copies with exact bounds, computing in float32 only the rows that can still be chosen.
 
 Inference only: the C++ kernel has no gradient (backpropagating through it raises), and default dispatch
 leaves calls that need gradients to the PyTorch backend.

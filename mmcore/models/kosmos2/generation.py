@@ -75,7 +75,7 @@ def _head(hidden: torch.Tensor, weight: torch.Tensor, rows: tuple[int, int] | No
 
 
 # Each model's screened head, built on first use; held beside the model rather than on it, so that pickling or
-# copying a model never carries the bfloat16 copy, and dropped with the model.
+# copying a model never carries the low-precision copy, and dropped with the model.
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -204,9 +204,9 @@ def generate(
     grounding token ids (default ``GroundingTokens.from_config(config.text, config.num_bins)``; eos/pad ids from
     the arguments override it). narrow_head: on the CPU with the grammar on, compute only the head rows the grammar
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). screen_head: greedy on the
-    CPU, float32: bound every logit from bfloat16 copies of the head and the hidden states and compute only the
-    rows that can still be chosen (``ops.ScreenedHead``; same tokens, half the bytes; the copy, half the head's
-    size, is built on the first call and kept beside the model while it lives). backend: force the decoding
+    CPU, float32: bound every logit from 8-bit (AVX512-VNNI CPUs) or bfloat16 copies of the head and the hidden
+    states and compute only the rows that can still be chosen (``ops.ScreenedHead``; same tokens, a quarter or half
+    the bytes; the copy is built on the first call and kept beside the model while it lives). backend: force the decoding
     step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
     num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
     greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
