@@ -108,10 +108,11 @@ def main(argv=None):
                                 note="bfloat16 copies (the screened head's read); work: the float32 bytes",
                             )
                         )
+                        screen = ScreenedHead(weight, "int8")
                         impls.append(
                             Impl(
                                 "ScreenedHead int8 bounds",
-                                lambda h=hidden, s=ScreenedHead(weight, "int8"): s.bounds(h),
+                                lambda h=hidden, s=screen: s.bounds(h),
                                 work,
                                 threads=threads,
                                 note="8-bit copies, lower and upper bounds of every logit (the screened head's "

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mmcore import ops
+from mmcore.models.kosmos2 import generation
 from mmcore.ops import logits
 from mmcore.ops._library import op
-from mmcore.models.kosmos2 import generation
 
 pytestmark = pytest.mark.skipif(not ops.ScreenedHead.available(), reason="mmcore._C has no decode_logits kernel")
 

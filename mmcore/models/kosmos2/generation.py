@@ -206,8 +206,9 @@ def generate(
     allows when it fixes the token class (module docstring; same tokens, fewer FLOPs). screen_head: greedy on the
     CPU, float32: bound every logit from 8-bit (AVX512-VNNI CPUs) or bfloat16 copies of the head and the hidden
     states and compute only the rows that can still be chosen (``ops.ScreenedHead``; same tokens, a quarter or half
-    the bytes; the copy is built on the first call and kept beside the model while it lives). backend: force the decoding
-    step's backend. interpolate_pos_encoding: images of another size than the ViT's (``VisionTransformer.forward``).
+    the bytes; the copy is built on the first call and kept beside the model while it lives). backend: force the
+    decoding step's backend. interpolate_pos_encoding: images of another size than the ViT's
+    (``VisionTransformer.forward``).
     num_beams > 1: beam search with transformers' rules (``mmcore.models.layers.beam``; ``length_penalty``;
     greedy only, with the same n-gram blocking, minimum length and box grammar), returning each prompt with its best
     finished continuation (``pad_token_id`` after its EOS).
