@@ -27,11 +27,13 @@ SCHEMAS: dict[str, str] = {
     # decoding-step logits (mmcore/ops/logits.py): hidden (B, D) @ weight[row_start:row_end].T (+ bias[rows]) ->
     # (B, row_end - row_start), float32 (float64 for float64 inputs). Inference only.
     "decode_logits": "(Tensor hidden, Tensor weight, Tensor? bias, int row_start, int row_end) -> Tensor",
-    # int8 screening logits (csrc/decoding/logits_int8.cpp; ScreenedHead kind "int8"): hidden (B, D) uint8 (q + 128),
+    # int8 screening bounds (csrc/decoding/logits_int8.cpp; ScreenedHead kind "int8"): hidden (B, D) uint8 (q + 128),
     # weight int8 packed (V_pad / 16, D / 4, 16, 4), offsets (V_pad,) int32 (128 x row sums), weight_scale (V_pad,)
-    # and hidden_scale (B,) float32 -> (B, vocab) float32 float(sum - offset) * weight_scale * hidden_scale.
-    "decode_logits_int8": (
-        "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, int vocab) -> Tensor"
+    # and hidden_scale (B,) float32, table (3, V_pad) float32, coef (B, 3) float64 -> (lower, upper), each (B, vocab)
+    # float32: a -/+ e with a = (sum - offset) * weight_scale * hidden_scale, e = coef @ table, in float64.
+    "screen_bounds_int8": (
+        "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, Tensor table, "
+        "Tensor coef, int vocab) -> (Tensor, Tensor)"
     ),
     # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with upper[r, c] >= floor[r] and
     # scores[r, c] > -inf for some row r; upper, scores (B, V) and floor (B,) float32.

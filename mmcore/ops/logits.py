@@ -43,9 +43,10 @@ def _fake(hidden, weight, bias, row_start, row_end):
     return hidden.new_empty((hidden.shape[0], row_end - row_start), dtype=dtype)
 
 
-@torch.library.register_fake("mmcore::decode_logits_int8")
-def _fake_int8(hidden, weight, offsets, weight_scale, hidden_scale, vocab):
-    return hidden.new_empty((hidden.shape[0], vocab), dtype=torch.float32)
+@torch.library.register_fake("mmcore::screen_bounds_int8")
+def _fake_int8(hidden, weight, offsets, weight_scale, hidden_scale, table, coef, vocab):
+    shape = (hidden.shape[0], vocab)
+    return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("mmcore::screen_candidates")
@@ -205,7 +206,7 @@ _INT8_MAX_DIM = 66000
 
 
 def _int8_fast() -> bool:
-    """Whether ``decode_logits_int8`` has its AVX512-VNNI kernel on this CPU (else a scalar loop)."""
+    """Whether ``screen_bounds_int8`` has its AVX512-VNNI kernel on this CPU (else a scalar loop)."""
     from mmcore import _extension
 
     ext = _extension.extension()
@@ -246,8 +247,8 @@ class ScreenedHead:
       the same per hidden state. L' = (q_h.q_w, exact in int32) * s_w * s_h in float64, rounded to float32 (within
       u |h'.w'| and the subnormal term). So |L - L'| <= ||h|| (||e|| + g ||w|| + u2 ||w'||) + ||f|| (1 + u2) ||w'||
       with u2 = 8 u (the roundings of L' and of the bounds' own arithmetic). The norms are computed in float64 from
-      the float64 residuals and rounded up. Kernel: ``decode_logits_int8`` (csrc/decoding/logits_int8.cpp),
-      AVX512-VNNI or a scalar loop with identical results. D up to 66,000 (int32 sums); the default where the CPU
+      the float64 residuals and rounded up. Kernel: ``screen_bounds_int8`` (csrc/decoding/logits_int8.cpp; L' and
+      both bounds in one pass), AVX512-VNNI or a scalar loop with identical results. D up to 66,000 (int32 sums); the default where the CPU
       has AVX512-VNNI.
     - ``"bfloat16"``: w', h' the bfloat16 roundings (subnormals flushed to zero, as vdpbf16ps reads them), L' their
       float32-accumulated product (AVX512-BF16 ``decode_logits``), so |L - L'| <= (||h|| + ||f||)(||e|| + g (||w|| +
@@ -339,10 +340,10 @@ class ScreenedHead:
             table[1, r : r + w.shape[0]] = (1 + _INT8_U2) * low_norm
         table[:2] *= 1 + 2**-18  # float64 norms rounded, then float32 rounding of the tables and of the bounds' sums
         table[2] = 1.0
-        self._table = table.float()
-        self._table_max = (
-            torch.stack([(self._table[0] + self._table[1]).max(), 2 * self._table[1].max()]) if vocab else None
-        )
+        table = table.float()
+        self._table_max = torch.stack([(table[0] + table[1]).max(), 2 * table[1].max()]) if vocab else None
+        self._table = torch.zeros(3, padded_v)  # padded to whole panels: the kernel reads 16 rows at a time
+        self._table[:, :vocab] = table
         self._offsets = q.sum(1, dtype=torch.int32) * 128
         # (V_pad / 16, D_pad / 4, 16, 4): 4 columns of 16 rows per 64 bytes (the kernel's vpdpbusd operand)
         self._packed = q.view(padded_v // 16, 16, padded_d // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -365,27 +366,31 @@ class ScreenedHead:
     def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32; None when
         ``hidden`` is not finite or a logit or bound could overflow float32 (then nothing can be screened)."""
-        if self.kind == "int8":
-            h = hidden.double()
-            if not bool(torch.isfinite(h).all()):
-                return None
-            scale, q, f = _quantize_rows(h)
-            coef = (torch.stack([h.norm(dim=1), f.norm(dim=1)], dim=1) * (1 + 2**-18)).float()  # rounded up
-        else:
-            low = _bfloat16_flushed(hidden)
-            gap = (hidden - low.float()).norm(dim=1) + self._tiny
-            coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
+        return self._bounds_int8(hidden) if self.kind == "int8" else self._bounds_bfloat16(hidden)
+
+    def _bounds_int8(self, hidden):
+        h = hidden.double()
+        if not bool(torch.isfinite(h).all()):
+            return None
+        scale, q, f = _quantize_rows(h)
+        coef = torch.stack([h.norm(dim=1), f.norm(dim=1)], dim=1) * (1 + 2**-18)  # float64, rounded up
+        if float((coef.float() @ self._table_max).max()) > _SCREEN_LIMIT:
+            return None
+        coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
+        codes = torch.full((hidden.shape[0], self._padded_d), 128, dtype=torch.uint8)
+        codes[:, : hidden.shape[1]] = (q + 128).to(torch.uint8)
+        return _library.op("screen_bounds_int8")(
+            codes, self._packed, self._offsets, self._scale, scale, self._table, coef, self.weight.shape[0]
+        )
+
+    def _bounds_bfloat16(self, hidden):
+        low = _bfloat16_flushed(hidden)
+        gap = (hidden - low.float()).norm(dim=1) + self._tiny
+        coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
         if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
             return None
         coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        if self.kind == "int8":
-            codes = torch.full((hidden.shape[0], self._padded_d), 128, dtype=torch.uint8)
-            codes[:, : hidden.shape[1]] = (q + 128).to(torch.uint8)
-            approx = _library.op("decode_logits_int8")(
-                codes, self._packed, self._offsets, self._scale, scale, self.weight.shape[0]
-            )
-        else:
-            approx = decode_logits(low, self.low, backend="cpp")
+        approx = decode_logits(low, self.low, backend="cpp")
         return torch.addmm(approx, coef, self._table, alpha=-1), approx.addmm_(coef, self._table)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

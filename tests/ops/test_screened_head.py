@@ -1,6 +1,6 @@
 """ScreenedHead, both kinds (int8 and bfloat16 copies): its bounds hold around the float32 head's logits, its exact
 rows are the whole head's bit for bit, and the candidates it leaves always contain the token greedy decoding chooses
--- near ties included; and the int8 kernel (``mmcore::decode_logits_int8``) against a reference of its arithmetic,
+-- near ties included; and the int8 kernel (``mmcore::screen_bounds_int8``) against a reference of its arithmetic,
 on its AVX512-VNNI path and its scalar one."""
 
 import os
@@ -210,8 +210,8 @@ def test_screened_step_with_every_token_banned_takes_the_grammars_first(screen):
 
 
 def int8_problem(b, v, d, seed=0):
-    """The kernel's operands as ScreenedHead builds them, and the reference of its arithmetic: exact integer sums,
-    then double(sum) * s_w * s_h rounded to float32."""
+    """The kernel's operands as ScreenedHead builds them (random error factors), and the reference of its arithmetic:
+    exact integer sums, then in float64 a = sum * s_w * s_h, e = coef @ table, a -/+ e rounded to float32."""
     g = torch.Generator().manual_seed(seed)
     head = ops.ScreenedHead(torch.randn(v, d, generator=g), "int8")
     scale, codes, _ = logits._quantize_rows(torch.randn(b, d, generator=g).double())
@@ -220,18 +220,22 @@ def int8_problem(b, v, d, seed=0):
     hidden[:, :d] = (codes + 128).to(torch.uint8)
     q = head._packed.permute(0, 2, 1, 3).reshape(-1, packed_d)[:v].long()  # back to (V, D_pad)
     sums = (hidden.long() - 128) @ q.T  # exact
-    want = (sums.double() * head._scale[:v].double() * scale.double()[:, None]).float()
-    args = (hidden, head._packed, head._offsets, head._scale, scale, v)
-    return args, want
+    table = torch.rand(head._table.shape, generator=g)
+    coef = torch.rand(b, 3, generator=g, dtype=torch.float64)
+    a = sums.double() * head._scale[:v].double() * scale.double()[:, None]
+    t = table[:, :v].double()
+    e = coef[:, :1] * t[0] + coef[:, 1:2] * t[1] + coef[:, 2:] * t[2]
+    args = (hidden, head._packed, head._offsets, head._scale, scale, table, coef, v)
+    return args, ((a - e).float(), (a + e).float())
 
 
 @pytest.mark.parametrize("b", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("v, d", [(16, 4), (301, 100), (517, 7), (40, 512)])
 def test_int8_kernel_matches_its_arithmetic_exactly(b, v, d):
-    args, want = int8_problem(b, v, d)
-    got = op("decode_logits_int8")(*args)
-    assert got.dtype == torch.float32 and got.shape == (b, v)
-    assert torch.equal(got, want)
+    args, (lower, upper) = int8_problem(b, v, d)
+    got_lower, got_upper = op("screen_bounds_int8")(*args)
+    assert got_lower.dtype == torch.float32 and got_lower.shape == (b, v)
+    assert torch.equal(got_lower, lower) and torch.equal(got_upper, upper)
 
 
 def test_int8_scalar_path_gives_the_same_results(tmp_path):
@@ -244,11 +248,12 @@ def test_int8_scalar_path_gives_the_same_results(tmp_path):
         "from mmcore import _extension\n"
         "from mmcore.ops._library import op\n"
         "assert not _extension.extension().int8_dot_fast()\n"
-        "torch.save(op('decode_logits_int8')(*torch.load(sys.argv[1])['args']), sys.argv[2])\n"
+        "torch.save(op('screen_bounds_int8')(*torch.load(sys.argv[1])['args']), sys.argv[2])\n"
     )
     env = {**os.environ, "MMCORE_DISABLE_AVX512VNNI": "1"}
     subprocess.run([sys.executable, "-c", script, tmp_path / "in.pt", tmp_path / "out.pt"], env=env, check=True)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "avx512_vnni" in cpuinfo.read_text():
         assert logits._int8_fast(), "this CPU has AVX512-VNNI: the direct calls above took that path"
@@ -266,14 +271,18 @@ def test_int8_scalar_path_gives_the_same_results(tmp_path):
         (dict(hidden_scale=lambda t: t[:1]), "hidden_scale must have shape"),
         (dict(vocab=lambda n: n + 16), "vocab must be within the last panel"),
         (dict(vocab=lambda n: n - 16), "vocab must be within the last panel"),
+        (dict(table=lambda t: t[:, :-16]), "table must be a"),
+        (dict(table=lambda t: t.double()), "table must be float32"),
+        (dict(coef=lambda t: t[:1]), "coef must be a"),
+        (dict(coef=lambda t: t.float()), "coef float64"),
     ],
 )
 def test_int8_kernel_validation(change, match):
     args, _ = int8_problem(2, 40, 12)
-    names = ["hidden", "weight", "offsets", "weight_scale", "hidden_scale", "vocab"]
+    names = ["hidden", "weight", "offsets", "weight_scale", "hidden_scale", "table", "coef", "vocab"]
     args = [change[n](a) if n in change else a for n, a in zip(names, args, strict=True)]
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
-        op("decode_logits_int8")(*args)
+        op("screen_bounds_int8")(*args)
 
 
 @pytest.mark.parametrize("b, v", [(1, 7), (3, 301), (8, 4099), (2, 0), (0, 5)])
