@@ -839,3 +839,28 @@ def test_cpp_op_checks_its_arguments():
     bad[8] = torch.empty(4, V + 1)
     with pytest.raises(ValueError, match="scores must have the shape of logits"):
         op("grounded_decode_step")(*bad)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpp"])
+def test_greedy_argmax_is_the_first_maximum_at_kosmos_scale(backend):
+    """The C++ step's vectorised maximum and search (AVX-512 where the CPU has it) on a 65,037-token row: ties take
+    the first index (in and between 16-lane blocks and in the tail), a row whose every token is -inf takes the
+    grammar's first allowed token -- as the reference does."""
+    vocab = KOSMOS_VOCAB
+    ids = torch.full((6, 3), 8)
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, vocab, generator=gen)
+    logits[:, KOSMOS.first_loc :] = -torch.inf  # outside a box: location tokens are banned anyway
+    logits[0, [40000, 40001, 40017]] = 9.0  # a tie inside one block and in the next: the first wins
+    logits[1, [vocab - 1 - KOSMOS.num_bins**2 - 3, 70]] = 9.0  # the later position is not taken
+    logits[2, 5003] = 9.0
+    logits[3, :] = -torch.inf  # nothing allowed: the grammar's first token with score 0
+    logits[4, 63] = 9.0  # the last entry of the first 64-wide block
+    logits[5, KOSMOS.first_loc - 1] = 9.0  # the last text token, in the tail after the blocks
+    state = DecodeState.create(ids, 2, KOSMOS)
+    ref = state.clone()
+    want, _ = grounded_decode_step_ref(logits, ref, KOSMOS)
+    got = grounded_decode_step(logits, state, KOSMOS, backend=backend)
+    assert got.tolist() == want.tolist()
+    assert got.tolist()[:3] == [40000, 70, 5003] and got[4] == 63 and got[5] == KOSMOS.first_loc - 1
+    assert_same_state(state, ref, "kosmos-scale argmax")
