@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -268,11 +269,55 @@ std::tuple<at::Tensor, at::Tensor> screen_bounds_int8_cpu(const at::Tensor& hidd
   return {lower, upper};
 }
 
+// The hidden states' 8-bit codes (ScreenedHead._bounds_int8; the same arithmetic as mmcore/ops/logits.py
+// _quantize_rows): per row, scale = float32(max|h| / 127) (in float64, rounded once), codes round(h / scale) (half
+// to even, as torch.round) clamped to [-127, 127] and stored + 128 as uint8, columns past D set to 128 (code 0);
+// norms (B, 2) float64: ||h|| and ||h - scale * codes||. A row whose scale is 0 gets codes 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::Tensor& hidden, int64_t padded_dim) {
+  TORCH_CHECK_TYPE(hidden.scalar_type() == at::kFloat, "hidden must be float32, got ", hidden.scalar_type());
+  TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.device().is_cpu(), "hidden must be a (B, D) CPU tensor, got ",
+                    hidden.sizes(), " on ", hidden.device());
+  const int64_t batch = hidden.size(0), dim = hidden.size(1);
+  TORCH_CHECK_VALUE(padded_dim >= dim && padded_dim % kGroupCols == 0, "padded_dim must be a multiple of 4 and >= D = ",
+                    dim, ", got ", padded_dim);
+  const at::Tensor h = hidden.contiguous();
+  at::Tensor codes = at::full({batch, padded_dim}, 128, hidden.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({batch}, hidden.options());
+  at::Tensor norms = at::empty({batch, 2}, hidden.options().dtype(at::kDouble));
+  const float* hp = h.const_data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  float* sp = scale.data_ptr<float>();
+  double* np = norms.data_ptr<double>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* x = hp + b * dim;
+    double top = 0.0;
+    for (int64_t k = 0; k < dim; ++k) top = std::max(top, std::abs(static_cast<double>(x[k])));
+    const float s = static_cast<float>(top / 127.0);
+    const double s64 = s;
+    double norm = 0.0, residual = 0.0;
+    for (int64_t k = 0; k < dim; ++k) {
+      const double v = x[k];
+      const double q = s64 > 0.0 ? std::clamp(std::nearbyint(v / s64), -127.0, 127.0) : 0.0;
+      const double e = v - s64 * q;
+      norm += v * v;
+      residual += e * e;
+      cp[b * padded_dim + k] = static_cast<uint8_t>(static_cast<int>(q) + 128);
+    }
+    sp[b] = s;
+    np[2 * b] = std::sqrt(norm);
+    np[2 * b + 1] = std::sqrt(residual);
+  }
+  return {codes, scale, norms};
+}
+
 }  // namespace
 
 bool int8_dot_fast() { return has_vnni(); }
 
 // The schema is declared once, in mmcore/ops/_library.py; this file only supplies the CPU kernel.
-TORCH_LIBRARY_IMPL(mmcore, CPU, m) { m.impl("screen_bounds_int8", &screen_bounds_int8_cpu); }
+TORCH_LIBRARY_IMPL(mmcore, CPU, m) {
+  m.impl("screen_bounds_int8", &screen_bounds_int8_cpu);
+  m.impl("quantize_rows_int8", &quantize_rows_int8_cpu);
+}
 
 }  // namespace mmcore::decoding

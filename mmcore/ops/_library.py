@@ -35,6 +35,9 @@ SCHEMAS: dict[str, str] = {
         "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, Tensor table, "
         "Tensor coef, int vocab) -> (Tensor, Tensor)"
     ),
+    # the hidden states' codes for screen_bounds_int8: hidden (B, D) float32 -> (codes (B, padded_dim) uint8 = q + 128,
+    # scale (B,) float32, norms (B, 2) float64 = ||h||, ||h - scale q||); mmcore/ops/logits.py _quantize_rows's rules.
+    "quantize_rows_int8": "(Tensor hidden, int padded_dim) -> (Tensor, Tensor, Tensor)",
     # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with upper[r, c] >= floor[r] and
     # scores[r, c] > -inf for some row r; upper, scores (B, V) and floor (B,) float32.
     "screen_candidates": "(Tensor upper, Tensor scores, Tensor floor) -> Tensor",

@@ -54,6 +54,13 @@ def _fake_candidates(upper, scores, floor):
     return upper.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
+@torch.library.register_fake("mmcore::quantize_rows_int8")
+def _fake_quantize(hidden, padded_dim):
+    b = hidden.shape[0]
+    return (hidden.new_empty((b, padded_dim), dtype=torch.uint8), hidden.new_empty((b,)),
+            hidden.new_empty((b, 2), dtype=torch.float64))  # fmt: skip
+
+
 def _setup_context(ctx, inputs, output):
     pass
 
@@ -369,16 +376,14 @@ class ScreenedHead:
         return self._bounds_int8(hidden) if self.kind == "int8" else self._bounds_bfloat16(hidden)
 
     def _bounds_int8(self, hidden):
-        h = hidden.double()
-        if not bool(torch.isfinite(h).all()):
+        if not bool(torch.isfinite(hidden).all()):
             return None
-        scale, q, f = _quantize_rows(h)
-        coef = torch.stack([h.norm(dim=1), f.norm(dim=1)], dim=1) * (1 + 2**-18)  # float64, rounded up
+        # _quantize_rows' codes and the norms of h and of its residual, in one C++ pass
+        codes, scale, norms = _library.op("quantize_rows_int8")(hidden, self._padded_d)
+        coef = norms * (1 + 2**-18)  # float64, rounded up
         if float((coef.float() @ self._table_max).max()) > _SCREEN_LIMIT:
             return None
         coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        codes = torch.full((hidden.shape[0], self._padded_d), 128, dtype=torch.uint8)
-        codes[:, : hidden.shape[1]] = (q + 128).to(torch.uint8)
         return _library.op("screen_bounds_int8")(
             codes, self._packed, self._offsets, self._scale, scale, self._table, coef, self.weight.shape[0]
         )

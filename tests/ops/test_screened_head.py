@@ -310,3 +310,17 @@ def test_screen_candidates_validation():
         op("screen_candidates")(x, x, torch.zeros(3))
     with pytest.raises(TypeError, match="float32"):
         op("screen_candidates")(x.double(), x.double(), torch.zeros(2).double())
+
+
+@pytest.mark.parametrize("d, padded", [(512, 512), (7, 8), (100, 100)])
+def test_quantize_rows_int8_matches_the_python_rules(d, padded):
+    g = torch.Generator().manual_seed(d)
+    hidden = torch.randn(5, d, generator=g) * torch.logspace(-30, 30, 5)[:, None]
+    hidden[1] = 0  # scale 0: codes 0, the residual is h itself
+    hidden[2, 3] = 2.5 * (hidden[2].abs().max() / 127)  # a code exactly halfway: rounds to even
+    codes, scale, norms = op("quantize_rows_int8")(hidden, padded)
+    want_scale, want_codes, residual = logits._quantize_rows(hidden.double())
+    assert torch.equal(scale, want_scale)
+    assert torch.equal(codes[:, :d].long() - 128, want_codes.long()) and bool((codes[:, d:] == 128).all())
+    want = torch.stack([hidden.double().norm(dim=1), residual.norm(dim=1)], dim=1)
+    torch.testing.assert_close(norms, want, rtol=1e-12, atol=0)
