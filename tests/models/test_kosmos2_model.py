@@ -449,3 +449,15 @@ def test_beam_search_keeps_the_box_grammar(models):
         mm.generate(pixels, ids, img, mask, max_new_tokens=2, num_beams=0)
     with pytest.raises(ValueError, match="do_sample"):
         mm.generate(pixels, ids, img, mask, max_new_tokens=2, num_beams=2, do_sample=True)
+
+
+def test_step_layouts_equal_the_layout_built_afresh():
+    from mmcore.models.kosmos2 import generation
+
+    starts = torch.tensor([0, 3, 1, 7, 0])
+    layouts = generation._StepLayouts(starts, 20)
+    for end in (7, 8, 12, 20):
+        got, want = layouts.at(end), generation._layout(starts, end, torch.ones_like(starts), 20, 1)
+        assert torch.equal(got.cu_seqlens_q, want.cu_seqlens_q) and torch.equal(got.cu_seqlens_k, want.cu_seqlens_k)
+        assert (got.max_seqlen_q, got.max_seqlen_k) == (want.max_seqlen_q, want.max_seqlen_k)
+        assert got.cu_seqlens_k.dtype == torch.int32
