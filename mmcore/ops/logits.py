@@ -255,8 +255,8 @@ class ScreenedHead:
       u |h'.w'| and the subnormal term). So |L - L'| <= ||h|| (||e|| + g ||w|| + u2 ||w'||) + ||f|| (1 + u2) ||w'||
       with u2 = 8 u (the roundings of L' and of the bounds' own arithmetic). The norms are computed in float64 from
       the float64 residuals and rounded up. Kernel: ``screen_bounds_int8`` (csrc/decoding/logits_int8.cpp; L' and
-      both bounds in one pass), AVX512-VNNI or a scalar loop with identical results. D up to 66,000 (int32 sums); the default where the CPU
-      has AVX512-VNNI.
+      both bounds in one pass), AVX512-VNNI or a scalar loop with identical results; the hidden states' codes by
+      ``quantize_rows_int8``. D up to 66,000 (int32 sums); the default where the CPU has AVX512-VNNI.
     - ``"bfloat16"``: w', h' the bfloat16 roundings (subnormals flushed to zero, as vdpbf16ps reads them), L' their
       float32-accumulated product (AVX512-BF16 ``decode_logits``), so |L - L'| <= (||h|| + ||f||)(||e|| + g (||w|| +
       ||w'||)) + ||f|| ||w'||, norms in float32 inflated for their own rounding and by sqrt(D) 2**-63 for entries
