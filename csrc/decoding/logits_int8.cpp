@@ -1,7 +1,6 @@
-// int8 screening bounds: the cheapest first pass of greedy decoding's screened head (mmcore/ops/logits.py
-// ScreenedHead, kind "int8"). Every logit is approximated from 8-bit copies of the head and of the hidden states, and
-// the caller's error bound is applied in the same pass: lower and upper bounds of every float32 logit, from which the
-// caller computes the few rows that can still win exactly in float32.
+// int8 screening logits: the cheapest first pass of greedy decoding's screened head (mmcore/ops/logits.py
+// ScreenedHead, kind "int8"). Every logit is approximated from 8-bit copies of the head and of the hidden states;
+// the caller bounds the approximation's error and computes the few rows that can still win exactly in float32.
 //
 // Operands. The weight copy is int8 q_w = round(w / s_w) per row (scale s_w = max|w| / 127), packed for AVX512-VNNI:
 // (V_pad / 16, D_pad / 4, 16, 4) -- panels of 16 rows, and within a panel, for each group of 4 columns, the 4 entries
@@ -11,10 +10,8 @@
 // wide. The hidden states are uint8 u = round(h / s_h) + 128 (vpdpbusd multiplies unsigned by signed bytes), so
 //   sum_k u_k q_w,k = sum_k q_h,k q_w,k + 128 sum_k q_w,k,
 // and ``offsets`` holds the second term per row. All integer arithmetic is exact (|sum| <= 255 * 127 * D_pad < 2^31
-// for D_pad <= 66,000, checked). The epilogue, in float64 (so that no intermediate product can overflow or underflow
-// where the result does not): a = (sum - offset) * s_w * s_h, e = coef[b, 0] table[0, r] + coef[b, 1] table[1, r] +
-// coef[b, 2] table[2, r] (the caller's error bound of row r for hidden state b), lower = a - e and upper = a + e,
-// each rounded once to float32. Doing it here saves two passes over the (B, V) outputs.
+// for D_pad <= 66,000, checked). The epilogue is (sum - offset) * s_w * s_h in float64, rounded once to float32
+// (float64 so that no intermediate product can overflow or underflow where the result does not).
 // Half the bfloat16 copy's bytes and twice vdpbf16ps' products per instruction.
 //
 // Without AVX512-VNNI (or with MMCORE_DISABLE_AVX512VNNI=1) a scalar loop computes the same integers and the same
@@ -50,23 +47,13 @@ struct Int8Problem {
   const int32_t* offsets;  // (panels * 16,)
   const float* wscale;     // (panels * 16,)
   const float* hscale;     // (batch,)
-  const float* table;      // (3, panels * 16): the error bound's per-row factors
-  const double* coef;      // (batch, 3): the error bound's per-hidden-state factors
-  float* lower;            // (batch, vocab)
-  float* upper;            // (batch, vocab)
+  float* out;              // (batch, vocab)
   int64_t batch, dim, vocab;
 };
 
-// The epilogue of one output, in this order on both paths.
-inline void finish(const Int8Problem& p, int32_t sum, int64_t b, int64_t r) {
-  const int64_t padded = (p.vocab + 15) / 16 * 16;
-  const double a = static_cast<double>(sum - p.offsets[r]) * static_cast<double>(p.wscale[r]) *
-                   static_cast<double>(p.hscale[b]);
-  const double* c = p.coef + b * 3;
-  const double e = c[0] * static_cast<double>(p.table[r]) + c[1] * static_cast<double>(p.table[padded + r]) +
-                   c[2] * static_cast<double>(p.table[2 * padded + r]);
-  p.lower[b * p.vocab + r] = static_cast<float>(a - e);
-  p.upper[b * p.vocab + r] = static_cast<float>(a + e);
+// The epilogue of one output: double(sum - offset) * s_w * s_h, in this order on both paths, then float32.
+inline float finish(int32_t sum, int32_t offset, float ws, float hs) {
+  return static_cast<float>(static_cast<double>(sum - offset) * static_cast<double>(ws) * static_cast<double>(hs));
 }
 
 void int8_rows_scalar(const Int8Problem& p, int64_t p0, int64_t p1) {
@@ -83,7 +70,7 @@ void int8_rows_scalar(const Int8Problem& p, int64_t p0, int64_t p1) {
           const int8_t* wg = w + (g * kPanelRows + lane) * kGroupCols;
           for (int64_t c = 0; c < kGroupCols; ++c) sum += static_cast<int32_t>(h[g * kGroupCols + c]) * wg[c];
         }
-        finish(p, sum, b, r);
+        p.out[b * p.vocab + r] = finish(sum, p.offsets[r], p.wscale[r], p.hscale[b]);
       }
     }
   }
@@ -123,37 +110,19 @@ template <int MR, int NB>
       for (int i = 0; i < MR; ++i) acc[i][b] = (I32x16)_mm512_dpbusd_epi32((__m512i)acc[i][b], hv, (__m512i)wv[i]);
     }
   }
-  const int64_t padded = (p.vocab + kPanelRows - 1) / kPanelRows * kPanelRows;
   for (int i = 0; i < MR; ++i) {
     const int64_t r = (panel + i) * kPanelRows;
     const int64_t left = p.vocab - r;
     const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
     const __m512i off = _mm512_loadu_si512(p.offsets + r);
-    // per-row factors as two halves of 8 doubles: [0] rows r..r+7, [1] rows r+8..r+15
-    __m512d ws[2], t0[2], t1[2], t2[2];
-    for (int half = 0; half < 2; ++half) {
-      const int64_t rr = r + 8 * half;
-      ws[half] = _mm512_cvtps_pd(_mm256_loadu_ps(p.wscale + rr));
-      t0[half] = _mm512_cvtps_pd(_mm256_loadu_ps(p.table + rr));
-      t1[half] = _mm512_cvtps_pd(_mm256_loadu_ps(p.table + padded + rr));
-      t2[half] = _mm512_cvtps_pd(_mm256_loadu_ps(p.table + 2 * padded + rr));
-    }
+    const __m512d ws_lo = _mm512_cvtps_pd(_mm256_loadu_ps(p.wscale + r));
+    const __m512d ws_hi = _mm512_cvtps_pd(_mm256_loadu_ps(p.wscale + r + 8));
     for (int b = 0; b < NB; ++b) {
       const __m512i d = _mm512_sub_epi32((__m512i)acc[i][b], off);
       const __m512d hs = _mm512_set1_pd(static_cast<double>(p.hscale[b0 + b]));
-      const double* c = p.coef + (b0 + b) * 3;
-      const __m512d c0 = _mm512_set1_pd(c[0]), c1 = _mm512_set1_pd(c[1]), c2 = _mm512_set1_pd(c[2]);
-      __m256 lo[2], hi[2];
-      for (int half = 0; half < 2; ++half) {
-        const __m256i part = half == 0 ? _mm512_castsi512_si256(d) : _mm512_extracti64x4_epi64(d, 1);
-        const __m512d a = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(part), ws[half]), hs);
-        const __m512d e = _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(c0, t0[half]), _mm512_mul_pd(c1, t1[half])),
-                                        _mm512_mul_pd(c2, t2[half]));
-        lo[half] = _mm512_cvtpd_ps(_mm512_sub_pd(a, e));
-        hi[half] = _mm512_cvtpd_ps(_mm512_add_pd(a, e));
-      }
-      _mm512_mask_storeu_ps(p.lower + (b0 + b) * p.vocab + r, m, join(lo[0], lo[1]));
-      _mm512_mask_storeu_ps(p.upper + (b0 + b) * p.vocab + r, m, join(hi[0], hi[1]));
+      const __m512d lo = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_castsi512_si256(d)), ws_lo), hs);
+      const __m512d hi = _mm512_mul_pd(_mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), ws_hi), hs);
+      _mm512_mask_storeu_ps(p.out + (b0 + b) * p.vocab + r, m, join(_mm512_cvtpd_ps(lo), _mm512_cvtpd_ps(hi)));
     }
   }
 }
@@ -220,10 +189,8 @@ void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> screen_bounds_int8_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                           const at::Tensor& offsets, const at::Tensor& weight_scale,
-                                                           const at::Tensor& hidden_scale, const at::Tensor& table,
-                                                           const at::Tensor& coef, int64_t vocab) {
+at::Tensor screen_logits_int8_cpu(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& offsets,
+                                  const at::Tensor& weight_scale, const at::Tensor& hidden_scale, int64_t vocab) {
   TORCH_CHECK_TYPE(hidden.scalar_type() == at::kByte, "hidden must be uint8, got ", hidden.scalar_type());
   TORCH_CHECK_TYPE(weight.scalar_type() == at::kChar, "weight must be int8, got ", weight.scalar_type());
   TORCH_CHECK_VALUE(hidden.dim() == 2 && hidden.device().is_cpu(), "hidden must be a (B, D) CPU tensor, got ",
@@ -241,23 +208,14 @@ std::tuple<at::Tensor, at::Tensor> screen_bounds_int8_cpu(const at::Tensor& hidd
   check_vector(offsets, "offsets", at::kInt, padded);
   check_vector(weight_scale, "weight_scale", at::kFloat, padded);
   check_vector(hidden_scale, "hidden_scale", at::kFloat, batch);
-  TORCH_CHECK_TYPE(table.scalar_type() == at::kFloat && coef.scalar_type() == at::kDouble,
-                   "table must be float32 and coef float64, got ", table.scalar_type(), " and ", coef.scalar_type());
-  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == 3 && table.size(1) == padded && table.device().is_cpu(),
-                    "table must be a (3, ", padded, ") CPU tensor, got ", table.sizes(), " on ", table.device());
-  TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == batch && coef.size(1) == 3 && coef.device().is_cpu(),
-                    "coef must be a (", batch, ", 3) CPU tensor, got ", coef.sizes(), " on ", coef.device());
   const at::Tensor h = hidden.contiguous(), w = weight.contiguous(), o = offsets.contiguous();
   const at::Tensor ws = weight_scale.contiguous(), hs = hidden_scale.contiguous();
-  const at::Tensor t = table.contiguous(), c = coef.contiguous();
-  at::Tensor lower = at::empty({batch, vocab}, hidden.options().dtype(at::kFloat));
-  at::Tensor upper = at::empty({batch, vocab}, hidden.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({batch, vocab}, hidden.options().dtype(at::kFloat));
   const Int8Problem p{h.const_data_ptr<uint8_t>(), w.const_data_ptr<int8_t>(), o.const_data_ptr<int32_t>(),
-                      ws.const_data_ptr<float>(), hs.const_data_ptr<float>(), t.const_data_ptr<float>(),
-                      c.const_data_ptr<double>(), lower.data_ptr<float>(), upper.data_ptr<float>(),
+                      ws.const_data_ptr<float>(), hs.const_data_ptr<float>(), out.data_ptr<float>(),
                       batch, dim, vocab};
   const int64_t panels = (vocab + kPanelRows - 1) / kPanelRows;
-  if (batch == 0 || panels == 0) return {lower, upper};
+  if (batch == 0 || panels == 0) return out;
   const bool vnni = has_vnni();
   at::parallel_for(0, panels, kGrainPanels, [&](int64_t p0, int64_t p1) {
     if (vnni) {
@@ -266,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> screen_bounds_int8_cpu(const at::Tensor& hidd
       int8_rows_scalar(p, p0, p1);
     }
   });
-  return {lower, upper};
+  return out;
 }
 
 // The hidden states' 8-bit codes (ScreenedHead._bounds_int8; the same arithmetic as mmcore/ops/logits.py
@@ -316,7 +274,7 @@ bool int8_dot_fast() { return has_vnni(); }
 
 // The schema is declared once, in mmcore/ops/_library.py; this file only supplies the CPU kernel.
 TORCH_LIBRARY_IMPL(mmcore, CPU, m) {
-  m.impl("screen_bounds_int8", &screen_bounds_int8_cpu);
+  m.impl("screen_logits_int8", &screen_logits_int8_cpu);
   m.impl("quantize_rows_int8", &quantize_rows_int8_cpu);
 }
 

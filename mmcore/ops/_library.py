@@ -27,20 +27,19 @@ SCHEMAS: dict[str, str] = {
     # decoding-step logits (mmcore/ops/logits.py): hidden (B, D) @ weight[row_start:row_end].T (+ bias[rows]) ->
     # (B, row_end - row_start), float32 (float64 for float64 inputs). Inference only.
     "decode_logits": "(Tensor hidden, Tensor weight, Tensor? bias, int row_start, int row_end) -> Tensor",
-    # int8 screening bounds (csrc/decoding/logits_int8.cpp; ScreenedHead kind "int8"): hidden (B, D) uint8 (q + 128),
+    # int8 screening logits (csrc/decoding/logits_int8.cpp; ScreenedHead kind "int8"): hidden (B, D) uint8 (q + 128),
     # weight int8 packed (V_pad / 16, D / 4, 16, 4), offsets (V_pad,) int32 (128 x row sums), weight_scale (V_pad,)
-    # and hidden_scale (B,) float32, table (3, V_pad) float32, coef (B, 3) float64 -> (lower, upper), each (B, vocab)
-    # float32: a -/+ e with a = (sum - offset) * weight_scale * hidden_scale, e = coef @ table, in float64.
-    "screen_bounds_int8": (
-        "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, Tensor table, "
-        "Tensor coef, int vocab) -> (Tensor, Tensor)"
+    # and hidden_scale (B,) float32 -> (B, vocab) float32 (sum - offset) * weight_scale * hidden_scale (in float64).
+    "screen_logits_int8": (
+        "(Tensor hidden, Tensor weight, Tensor offsets, Tensor weight_scale, Tensor hidden_scale, int vocab) -> Tensor"
     ),
-    # the hidden states' codes for screen_bounds_int8: hidden (B, D) float32 -> (codes (B, padded_dim) uint8 = q + 128,
+    # the hidden states' codes for screen_logits_int8: hidden (B, D) float32 -> (codes (B, padded_dim) uint8 = q + 128,
     # scale (B,) float32, norms (B, 2) float64 = ||h||, ||h - scale q||); mmcore/ops/logits.py _quantize_rows's rules.
     "quantize_rows_int8": "(Tensor hidden, int padded_dim) -> (Tensor, Tensor, Tensor)",
-    # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with upper[r, c] >= floor[r] and
-    # scores[r, c] > -inf for some row r; upper, scores (B, V) and floor (B,) float32.
-    "screen_candidates": "(Tensor upper, Tensor scores, Tensor floor) -> Tensor",
+    # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with approx[r, c] + coef[r] .
+    # table[:, c] >= floor[r] and scores[r, c] > -inf for some row r; approx, scores (B, V), floor (B,), table
+    # (3, >= V), coef (B, 3), all float32.
+    "screen_candidates": "(Tensor approx, Tensor scores, Tensor floor, Tensor table, Tensor coef) -> Tensor",
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).

@@ -43,15 +43,14 @@ def _fake(hidden, weight, bias, row_start, row_end):
     return hidden.new_empty((hidden.shape[0], row_end - row_start), dtype=dtype)
 
 
-@torch.library.register_fake("mmcore::screen_bounds_int8")
-def _fake_int8(hidden, weight, offsets, weight_scale, hidden_scale, table, coef, vocab):
-    shape = (hidden.shape[0], vocab)
-    return hidden.new_empty(shape, dtype=torch.float32), hidden.new_empty(shape, dtype=torch.float32)
+@torch.library.register_fake("mmcore::screen_logits_int8")
+def _fake_int8(hidden, weight, offsets, weight_scale, hidden_scale, vocab):
+    return hidden.new_empty((hidden.shape[0], vocab), dtype=torch.float32)
 
 
 @torch.library.register_fake("mmcore::screen_candidates")
-def _fake_candidates(upper, scores, floor):
-    return upper.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
+def _fake_candidates(approx, scores, floor, table, coef):
+    return approx.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int64)
 
 
 @torch.library.register_fake("mmcore::quantize_rows_int8")
@@ -213,7 +212,7 @@ _INT8_MAX_DIM = 66000
 
 
 def _int8_fast() -> bool:
-    """Whether ``screen_bounds_int8`` has its AVX512-VNNI kernel on this CPU (else a scalar loop)."""
+    """Whether ``screen_logits_int8`` has its AVX512-VNNI kernel on this CPU (else a scalar loop)."""
     from mmcore import _extension
 
     ext = _extension.extension()
@@ -254,8 +253,8 @@ class ScreenedHead:
       the same per hidden state. L' = (q_h.q_w, exact in int32) * s_w * s_h in float64, rounded to float32 (within
       u |h'.w'| and the subnormal term). So |L - L'| <= ||h|| (||e|| + g ||w|| + u2 ||w'||) + ||f|| (1 + u2) ||w'||
       with u2 = 8 u (the roundings of L' and of the bounds' own arithmetic). The norms are computed in float64 from
-      the float64 residuals and rounded up. Kernel: ``screen_bounds_int8`` (csrc/decoding/logits_int8.cpp; L' and
-      both bounds in one pass), AVX512-VNNI or a scalar loop with identical results; the hidden states' codes by
+      the float64 residuals and rounded up. Kernel: ``screen_logits_int8`` (csrc/decoding/logits_int8.cpp),
+      AVX512-VNNI or a scalar loop with identical results; the hidden states' codes by
       ``quantize_rows_int8``. D up to 66,000 (int32 sums); the default where the CPU has AVX512-VNNI.
     - ``"bfloat16"``: w', h' the bfloat16 roundings (subnormals flushed to zero, as vdpbf16ps reads them), L' their
       float32-accumulated product (AVX512-BF16 ``decode_logits``), so |L - L'| <= (||h|| + ||f||)(||e|| + g (||w|| +
@@ -370,33 +369,46 @@ class ScreenedHead:
             return False
         return torch.equal(weight.detach()[self._sample_rows], self._sample)
 
-    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32; None when
-        ``hidden`` is not finite or a logit or bound could overflow float32 (then nothing can be screened)."""
-        return self._bounds_int8(hidden) if self.kind == "int8" else self._bounds_bfloat16(hidden)
-
-    def _bounds_int8(self, hidden):
-        if not bool(torch.isfinite(hidden).all()):
-            return None
-        # _quantize_rows' codes and the norms of h and of its residual, in one C++ pass
-        codes, scale, norms = _library.op("quantize_rows_int8")(hidden, self._padded_d)
-        coef = norms * (1 + 2**-18)  # float64, rounded up
-        if float((coef.float() @ self._table_max).max()) > _SCREEN_LIMIT:
-            return None
-        coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        return _library.op("screen_bounds_int8")(
-            codes, self._packed, self._offsets, self._scale, scale, self._table, coef, self.weight.shape[0]
-        )
-
-    def _bounds_bfloat16(self, hidden):
-        low = _bfloat16_flushed(hidden)
-        gap = (hidden - low.float()).norm(dim=1) + self._tiny
-        coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
+    def approximate(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L', coef): the screening logits (B, V) float32 of ``hidden`` (B, D) float32 and the (B, 3) float32
+        factors of their error bounds, |L - L'| <= coef @ ``table`` (the bound of every logit is coef[b] .
+        table[:, v], rounding of that product included); None when ``hidden`` is not finite or a logit or bound
+        could overflow float32 (then nothing can be screened)."""
+        if self.kind == "int8":
+            if not bool(torch.isfinite(hidden).all()):
+                return None
+            # _quantize_rows' codes and the norms of h and of its residual, in one C++ pass
+            codes, scale, norms = _library.op("quantize_rows_int8")(hidden, self._padded_d)
+            coef = (norms * (1 + 2**-18)).float()  # rounded up (float64 -> float32 rounds within 2**-24)
+        else:
+            low = _bfloat16_flushed(hidden)
+            gap = (hidden - low.float()).norm(dim=1) + self._tiny
+            coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
         if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
             return None
         coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        approx = decode_logits(low, self.low, backend="cpp")
-        return torch.addmm(approx, coef, self._table, alpha=-1), approx.addmm_(coef, self._table)
+        if self.kind == "int8":
+            approx = _library.op("screen_logits_int8")(
+                codes, self._packed, self._offsets, self._scale, scale, self.weight.shape[0]
+            )
+        else:
+            approx = decode_logits(low, self.low, backend="cpp")
+        return approx, coef
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(3, >= V) float32: the per-row factors of the error bounds (``approximate``); columns past V are zero."""
+        return self._table
+
+    def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(lower, upper), each (B, V) float32, around the float32 logits of ``hidden`` (B, D) float32: L' -/+ its
+        error bound (``approximate``); None where ``approximate`` gives None."""
+        found = self.approximate(hidden)
+        if found is None:
+            return None
+        approx, coef = found
+        table = self._table[:, : approx.shape[1]]
+        return torch.addmm(approx, coef, table, alpha=-1), approx.addmm_(coef, table)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, len(rows)) float32: the float32 logits of vocabulary ids ``rows``, bit for bit what ``decode_logits``

@@ -111,23 +111,30 @@ def _screened_logits(screen, hidden, state, tokens, step_options) -> torch.Tenso
     rest, so the step chooses what it chooses on the whole head (``ops.ScreenedHead``); None when the screen leaves
     too much (compute the whole head).
 
-    The tokens the step allows come from a dry run of the step itself, on a copy of the state, with the lower bounds
-    as logits: its scores are the lower bounds where allowed and -inf where the grammar, n-gram blocking or the
-    minimum length bans. Row r keeps the allowed tokens whose upper bound reaches its largest allowed lower bound.
-    (A row with every token banned scores the grammar's tokens 0 in both runs and takes the first: the same.)"""
-    bounds = screen.bounds(hidden)
-    if bounds is None:  # not finite, or could overflow
+    A dry run of the step itself, on a copy of the state, with the screening logits L' (``approximate``) gives each
+    row a token r* the step allows and the scores of every token (-inf where the grammar, n-gram blocking or the
+    minimum length bans). Row r's floor is r*'s lower bound L'(r*) - e(r*) <= L(r*) <= the largest allowed float32
+    logit, so the step's true choice has an upper bound L' + e at or above the floor: the candidates are the
+    allowed tokens whose upper bound reaches it (``screen_candidates``, which forms L' + e on the fly). (A row with
+    every token banned scores the grammar's tokens 0 in both runs and takes the first: the same.)"""
+    found = screen.approximate(hidden)
+    if found is None:  # not finite, or could overflow
         return None
-    lower, upper = bounds
-    _, scores = ops.grounded_decode_step(lower, state.clone(), tokens, return_scores=True, **step_options)
-    floor = scores.amax(1, keepdim=True)
-    if not bool(torch.isfinite(floor).all()):
+    approx, coef = found
+    chosen, scores = ops.grounded_decode_step(approx, state.clone(), tokens, return_scores=True, **step_options)
+    table = screen.table
+    # in float64, then rounded down to float32: a floor at most r*'s lower bound
+    err = (coef.double() * table[:, chosen].T.double()).sum(1)
+    floor64 = (scores.gather(1, chosen[:, None])[:, 0].double() - err).masked_fill_(state.finished, 0.0)
+    if not bool(torch.isfinite(floor64).all()):
         return None
-    floor.masked_fill_(state.finished[:, None], torch.inf)  # finished rows take pad whatever the logits
-    rows = _library.op("screen_candidates")(upper, scores, floor[:, 0])  # the allowed ones that may still win
-    if rows.numel() > SCREEN_MAX_FRACTION * lower.shape[1]:
+    floor = floor64.float()
+    floor = torch.where(floor.double() > floor64, torch.nextafter(floor, floor.new_tensor(-torch.inf)), floor)
+    floor.masked_fill_(state.finished, torch.inf)  # finished rows take pad whatever the logits
+    rows = _library.op("screen_candidates")(approx, scores, floor, table, coef)  # allowed, may still win
+    if rows.numel() > SCREEN_MAX_FRACTION * approx.shape[1]:
         return None
-    logits = torch.full_like(lower, -torch.inf)
+    logits = torch.full_like(approx, -torch.inf)
     logits[:, rows] = screen.exact(hidden, rows)
     return logits
 
