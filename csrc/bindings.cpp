@@ -206,7 +206,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("first_fit_decreasing", &first_fit_decreasing, py::arg("lengths"), py::arg("budget"),
         "First-fit-decreasing bin packing of int64 lengths; see mmcore.data.packing.first_fit_decreasing.");
   m.def("int8_dot_fast", &mmcore::decoding::int8_dot_fast,
-        "Whether screen_bounds_int8 runs its AVX512-VNNI kernel here (else a scalar loop with the same results).");
+        "Whether screen_logits_int8 runs its AVX512-VNNI kernel here (else a scalar loop with the same results).");
 #ifdef MMCORE_WITH_CUDA
   m.attr("cuda_built") = true;
 #else
