@@ -1,4 +1,5 @@
-"""Numerical comparison helpers shared by mmcore's tests and benchmarks.
+"""Numerical comparison helpers shared by mmcore's tests and benchmarks, and two for tests of CPU-specific kernel
+paths (``run_in_subprocess``, ``cpu_has_flag``).
 
 The tolerance rule (from FlashAttention's tests, DESIGN.md "Numerics and testing"): a kernel's error
 against a float64 reference may be at most ``factor`` times the error of the same computation done by
@@ -7,6 +8,12 @@ one table below.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -104,3 +111,23 @@ def make_kosmos2_tokenizer(vocab_size: int = 200):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def run_in_subprocess(code: str, inputs: dict, env: dict[str, str]):
+    """Run ``code`` in a fresh Python interpreter whose environment adds ``env`` -- for settings read once per process,
+    such as ``MMCORE_DISABLE_AVX512BF16=1`` that sends a kernel down its other path -- and return the ``result`` it
+    leaves. The code sees the entries of ``inputs`` as variables; inputs and result travel through torch.save."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
+        torch.save(inputs, src)
+        script = (
+            f"import sys, torch\nglobals().update(torch.load(sys.argv[1]))\n{code}\ntorch.save(result, sys.argv[2])\n"
+        )
+        subprocess.run([sys.executable, "-c", script, str(src), str(dst)], env={**os.environ, **env}, check=True)
+        return torch.load(dst)
+
+
+def cpu_has_flag(flag: str) -> bool:
+    """Whether the CPU lists ``flag`` (as in /proc/cpuinfo, e.g. "avx512_vnni"); False where that file is missing."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and flag in cpuinfo.read_text().split()

@@ -31,3 +31,14 @@ def test_gradients_get_three_times_and_nan_is_caught():
 def test_one_floor_per_dtype():
     assert set(FLOORS) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
     assert FLOORS[torch.bfloat16] > FLOORS[torch.float16] > FLOORS[torch.float32] > FLOORS[torch.float64]
+
+
+def test_run_in_subprocess_sees_inputs_and_environment():
+    from mmcore.testing import run_in_subprocess
+
+    got = run_in_subprocess(
+        "import os\nresult = (x * 2, os.environ.get('MMCORE_HELPER_TEST'))",
+        dict(x=torch.arange(3)),
+        {"MMCORE_HELPER_TEST": "1"},
+    )
+    assert torch.equal(got[0], torch.tensor([0, 2, 4])) and got[1] == "1"

@@ -23,6 +23,8 @@
 #include <utility>
 #include <vector>
 
+#include "decoding/cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
@@ -213,14 +215,8 @@ std::pair<float, int64_t> max_and_first(const float* x, int64_t n) {
   }
   return {best, n};
 }
-
-bool has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #else
 std::pair<float, int64_t> max_and_first_avx512(const float* x, int64_t n) { return max_and_first(x, n); }
-bool has_avx512f() { return false; }
 #endif
 
 struct RowState {

@@ -27,16 +27,16 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "decoding/cpu_features.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <optional>
-#include <string>
 
 // The vector helpers below pass 32/64-byte vectors between inline functions of this file only; GCC's warning
 // that such arguments have another ABI without AVX concerns calls across translation units.
@@ -389,17 +389,7 @@ template <int NB>
   }
 }
 
-// MMCORE_DISABLE_AVX512BF16=1 (read once) takes the widening path on any CPU: how the tests reach it here.
-bool has_dpbf16() {
-  static const bool has = [] {
-    const char* off = std::getenv("MMCORE_DISABLE_AVX512BF16");
-    if (off != nullptr && std::string(off) == "1") return false;
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-  }();
-  return has;
-}
 #else
-bool has_dpbf16() { return false; }
 void dot_rows(const DotProblem&, int64_t, int64_t) { TORCH_CHECK(false, "unreachable: no AVX512-BF16 build"); }
 #endif
 
@@ -425,7 +415,7 @@ void run(const at::Tensor& hidden, const at::Tensor& weight, const std::optional
 // hidden (B, D) and weight rows (R, D, unit stride along D) both bfloat16; out (B, R) float32.
 void run_bf16(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
               at::Tensor& out) {
-  if (!has_dpbf16()) {
+  if (!has_avx512bf16()) {  // also under MMCORE_DISABLE_AVX512BF16=1: how the tests reach the widening path
     const at::Tensor wide_bias = bias ? bias->to(at::kFloat) : at::Tensor();
     run<float, at::BFloat16>(hidden.to(at::kFloat), weight,
                              bias ? std::optional<at::Tensor>(wide_bias) : std::nullopt, out);

@@ -23,10 +23,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <tuple>
+
+#include "decoding/cpu_features.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -169,17 +169,7 @@ template <int NB>
   }
 }
 
-// MMCORE_DISABLE_AVX512VNNI=1 (read once) takes the scalar path on any CPU: how the tests reach it here.
-bool has_vnni() {
-  static const bool has = [] {
-    const char* off = std::getenv("MMCORE_DISABLE_AVX512VNNI");
-    if (off != nullptr && std::string(off) == "1") return false;
-    return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-  }();
-  return has;
-}
 #else
-bool has_vnni() { return false; }
 void int8_rows_vnni(const Int8Problem&, int64_t, int64_t) { TORCH_CHECK(false, "unreachable: no AVX512-VNNI build"); }
 #endif
 
@@ -216,7 +206,7 @@ at::Tensor screen_logits_int8_cpu(const at::Tensor& hidden, const at::Tensor& we
                       batch, dim, vocab};
   const int64_t panels = (vocab + kPanelRows - 1) / kPanelRows;
   if (batch == 0 || panels == 0) return out;
-  const bool vnni = has_vnni();
+  const bool vnni = has_avx512vnni();  // false under MMCORE_DISABLE_AVX512VNNI=1: the tests' way to the scalar path
   at::parallel_for(0, panels, kGrainPanels, [&](int64_t p0, int64_t p1) {
     if (vnni) {
       int8_rows_vnni(p, p0, p1);
@@ -227,7 +217,7 @@ at::Tensor screen_logits_int8_cpu(const at::Tensor& hidden, const at::Tensor& we
   return out;
 }
 
-// The hidden states' 8-bit codes (ScreenedHead._bounds_int8; the same arithmetic as mmcore/ops/logits.py
+// The hidden states' 8-bit codes (ScreenedHead.approximate; the same arithmetic as mmcore/ops/logits.py
 // _quantize_rows): per row, scale = float32(max|h| / 127) (in float64, rounded once), codes round(h / scale) (half
 // to even, as torch.round) clamped to [-127, 127] and stored + 128 as uint8, columns past D set to 128 (code 0);
 // norms (B, 2) float64: ||h|| and ||h - scale * codes||. A row whose scale is 0 gets codes 0.
@@ -270,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_rows_int8_cpu(const at::
 
 }  // namespace
 
-bool int8_dot_fast() { return has_vnni(); }
+bool int8_dot_fast() { return has_avx512vnni(); }
 
 // The schema is declared once, in mmcore/ops/_library.py; this file only supplies the CPU kernel.
 TORCH_LIBRARY_IMPL(mmcore, CPU, m) {

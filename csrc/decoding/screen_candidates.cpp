@@ -12,6 +12,8 @@
 #include <limits>
 #include <vector>
 
+#include "decoding/cpu_features.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #endif
@@ -63,14 +65,8 @@ MMCORE_SCAN_CLONES void mark_row(const RowBound& r, int64_t begin, int64_t n, ui
   }
   mark_row(r, c, n, mark);
 }
-
-bool has_avx512f() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-}
 #else
 void mark_row_avx512(const RowBound& r, int64_t n, uint8_t* mark) { mark_row(r, 0, n, mark); }
-bool has_avx512f() { return false; }
 #endif
 
 at::Tensor screen_candidates_cpu(const at::Tensor& approx, const at::Tensor& scores, const at::Tensor& floor,
@@ -80,8 +76,8 @@ at::Tensor screen_candidates_cpu(const at::Tensor& approx, const at::Tensor& sco
   const int64_t batch = approx.size(0), vocab = approx.size(1);
   TORCH_CHECK_VALUE(floor.dim() == 1 && floor.size(0) == batch, "floor must have shape (", batch, ",), got ",
                     floor.sizes());
-  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == 3 && table.size(1) >= vocab, "table must be (3, >= ", vocab,
-                    "), got ", table.sizes());
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == 3 && table.size(1) == vocab, "table must have shape (3, ",
+                    vocab, "), got ", table.sizes());
   TORCH_CHECK_VALUE(coef.dim() == 2 && coef.size(0) == batch && coef.size(1) == 3, "coef must have shape (", batch,
                     ", 3), got ", coef.sizes());
   for (const at::Tensor* t : {&approx, &scores, &floor, &table, &coef}) {
@@ -97,10 +93,9 @@ at::Tensor screen_candidates_cpu(const at::Tensor& approx, const at::Tensor& sco
   const float* fp = f.const_data_ptr<float>();
   const float* tp = t.const_data_ptr<float>();
   const float* kp = k.const_data_ptr<float>();
-  const int64_t ld = t.size(1);
   const bool avx512 = has_avx512f();
   for (int64_t r = 0; r < batch; ++r) {
-    const RowBound row{ap + r * vocab, sp + r * vocab, tp, tp + ld, tp + 2 * ld, kp[3 * r], kp[3 * r + 1],
+    const RowBound row{ap + r * vocab, sp + r * vocab, tp, tp + vocab, tp + 2 * vocab, kp[3 * r], kp[3 * r + 1],
                        kp[3 * r + 2], fp[r]};
     if (avx512) {
       mark_row_avx512(row, vocab, mark.data());

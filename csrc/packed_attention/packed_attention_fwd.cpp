@@ -27,6 +27,43 @@ struct FwdWorkspace {
   std::vector<acc_t> scores, acc, q, k, v, row_max, row_sum;
 };
 
+// One key tile of the online softmax for one query row, shared by both forward paths: row[0, cnt) holds the scaled
+// scores of the tile's keys the row sees, row[cnt, n) the others. The row becomes exp(score - m) (0 past cnt); the
+// running maximum m and sum l are updated and the output accumulator acc[0, d) rescaled by exp(m_old - m_new).
+// first: the row's first key tile (l starts from it). A row that sees no key of the tile only has it zeroed. (Keys
+// a row sees are a prefix of the segment, so a row that sees a key of this tile saw all keys of the earlier tiles,
+// and m is finite after the first.)
+template <typename acc_t>
+inline void online_softmax_tile(acc_t* row, int64_t cnt, int64_t n, bool first, acc_t& m, acc_t& l, acc_t* acc,
+                                int64_t d) {
+  std::fill(row + cnt, row + n, acc_t(0));
+  if (cnt == 0) return;
+  const acc_t m_new = std::max(m, row_ops::row_max(row, cnt));
+  const acc_t sum = row_ops::exp_sub_sum(row, cnt, m_new);
+  if (first) {
+    l = sum;
+  } else {
+    const acc_t alpha = std::exp(m - m_new);
+    l = l * alpha + sum;
+    if (alpha != acc_t(1)) row_ops::scale(acc, d, alpha);
+  }
+  m = m_new;
+}
+
+// A query row's output once every key tile is done: acc / l in the output type and the log-sum-exp m + log l, or
+// zeros and +inf when the row saw no key.
+template <typename scalar_t, typename acc_t>
+inline void finish_row(acc_t* acc, acc_t m, acc_t l, int64_t d, scalar_t* dst, float& lse) {
+  if (l > acc_t(0)) {
+    row_ops::scale(acc, d, acc_t(1) / l);
+    row_ops::convert(acc, dst, d);
+    lse = static_cast<float>(m + std::log(l));
+  } else {
+    std::fill(dst, dst + d, scalar_t(0));
+    lse = std::numeric_limits<float>::infinity();
+  }
+}
+
 template <typename scalar_t, Mode kMode>
 void packed_attention_fwd_impl(const Params& p) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -94,23 +131,8 @@ void packed_attention_fwd_impl(const Params& p) {
         acc_t* row = scores + r * n;
         const int64_t cnt =
             all_visible ? n : std::clamp<int64_t>(seg.template visible<kMode>(i0 + r) - j0, 0, n);
-        if (cnt == 0) {
-          std::fill(row, row + n, acc_t(0));
-          continue;
-        }
-        const acc_t m_new = std::max(m[r], row_ops::row_max(row, cnt));
-        const acc_t sum = row_ops::exp_sub_sum(row, cnt, m_new);
-        std::fill(row + cnt, row + n, acc_t(0));
-        if (j0 == 0) {
-          l[r] = sum;
-        } else {
-          // A row that sees a key of this tile saw all keys of the earlier tiles, so m[r] is finite.
-          const acc_t alpha = std::exp(m[r] - m_new);
-          l[r] = l[r] * alpha + sum;
-          if (alpha != acc_t(1)) row_ops::scale(acc + r * d, d, alpha);
-        }
-        m[r] = m_new;
-        if (p.dropout) {
+        online_softmax_tile(row, cnt, n, j0 == 0, m[r], l[r], acc + r * d, d);
+        if (p.dropout && cnt > 0) {
           const uint64_t counter =
               p.offset + (static_cast<uint64_t>(h * p.total_q + seg.q0 + i0 + r) * p.max_seqlen_k + j0);
           row_ops::dropout(row, row, cnt, p.seed, counter, p.threshold, keep_scale);
@@ -124,15 +146,7 @@ void packed_attention_fwd_impl(const Params& p) {
 
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t row = seg.q0 + i0 + r;
-      scalar_t* dst = out + (row * heads + h) * d;
-      if (l[r] > acc_t(0)) {
-        row_ops::scale(acc + r * d, d, acc_t(1) / l[r]);
-        row_ops::convert(acc + r * d, dst, d);
-        p.lse[h * p.total_q + row] = static_cast<float>(m[r] + std::log(l[r]));
-      } else {  // no visible key
-        std::fill(dst, dst + d, scalar_t(0));
-        p.lse[h * p.total_q + row] = std::numeric_limits<float>::infinity();
-      }
+      finish_row(acc + r * d, m[r], l[r], d, out + (row * heads + h) * d, p.lse[h * p.total_q + row]);
     }
   };
 
@@ -149,11 +163,6 @@ constexpr int64_t kRowsMaxQ = 4;
 
 struct RowItem {
   int64_t segment, kv_begin, kv_end, cost;
-};
-
-template <typename acc_t>
-struct RowWorkspace {
-  std::vector<acc_t> scores, acc, q, k, v, row_max, row_sum;
 };
 
 template <typename scalar_t, Mode kMode>
@@ -186,7 +195,7 @@ void packed_attention_fwd_rows(const Params& p) {
 
   const int64_t max_rows = std::min(p.max_seqlen_q, kRowsMaxQ) * per_block * group;  // (query, head) pairs
   auto make_workspace = [&] {
-    RowWorkspace<acc_t> ws;
+    FwdWorkspace<acc_t> ws;
     ws.scores.resize(max_rows * block_k);
     ws.acc.resize(max_rows * d);
     ws.q.resize(max_rows * d);
@@ -199,7 +208,7 @@ void packed_attention_fwd_rows(const Params& p) {
     return ws;
   };
 
-  auto body = [&](const RowItem& item, RowWorkspace<acc_t>& ws) {
+  auto body = [&](const RowItem& item, FwdWorkspace<acc_t>& ws) {
     const Segment seg = Segment::at(p, item.segment);
     const int64_t kv0 = item.kv_begin, nkv = item.kv_end - kv0, h0 = kv0 * group, nh = nkv * group;
     const int64_t rows = seg.lq, pairs = rows * nh;  // pair (r, hh) is query row r, head h0 + hh
@@ -241,21 +250,8 @@ void packed_attention_fwd_rows(const Params& p) {
       }
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t cnt = std::clamp<int64_t>(seg.template visible<kMode>(r) - j0, 0, n);
-        for (int64_t hh = 0; hh < nh; ++hh) {
-          const int64_t i = r * nh + hh;
-          acc_t* row = scores + i * block_k;
-          std::fill(row + cnt, row + n, acc_t(0));
-          if (cnt == 0) continue;
-          const acc_t m_new = std::max(m[i], row_ops::row_max(row, cnt));
-          const acc_t sum = row_ops::exp_sub_sum(row, cnt, m_new);
-          if (m[i] == -std::numeric_limits<acc_t>::infinity()) {
-            l[i] = sum;
-          } else {
-            const acc_t alpha = std::exp(m[i] - m_new);
-            l[i] = l[i] * alpha + sum;
-            if (alpha != acc_t(1)) row_ops::scale(acc + i * d, d, alpha);
-          }
-          m[i] = m_new;
+        for (int64_t i = r * nh; i < (r + 1) * nh; ++i) {
+          online_softmax_tile(scores + i * block_k, cnt, n, j0 == 0, m[i], l[i], acc + i * d, d);
         }
       }
       for (int64_t jj = 0; jj < n; ++jj) {
@@ -269,15 +265,7 @@ void packed_attention_fwd_rows(const Params& p) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t hh = 0; hh < nh; ++hh) {
         const int64_t i = r * nh + hh, h = h0 + hh, row = seg.q0 + r;
-        scalar_t* dst = out + (row * heads + h) * d;
-        if (l[i] > acc_t(0)) {
-          row_ops::scale(acc + i * d, d, acc_t(1) / l[i]);
-          row_ops::convert(acc + i * d, dst, d);
-          p.lse[h * p.total_q + row] = static_cast<float>(m[i] + std::log(l[i]));
-        } else {  // no visible key
-          std::fill(dst, dst + d, scalar_t(0));
-          p.lse[h * p.total_q + row] = std::numeric_limits<float>::infinity();
-        }
+        finish_row(acc + i * d, m[i], l[i], d, out + (row * heads + h) * d, p.lse[h * p.total_q + row]);
       }
     }
   };

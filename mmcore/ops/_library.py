@@ -38,7 +38,7 @@ SCHEMAS: dict[str, str] = {
     "quantize_rows_int8": "(Tensor hidden, int padded_dim) -> (Tensor, Tensor, Tensor)",
     # screened greedy step (mmcore/models/kosmos2/generation.py): sorted int64 ids c with approx[r, c] + coef[r] .
     # table[:, c] >= floor[r] and scores[r, c] > -inf for some row r; approx, scores (B, V), floor (B,), table
-    # (3, >= V), coef (B, 3), all float32.
+    # (3, V), coef (B, 3), all float32.
     "screen_candidates": "(Tensor approx, Tensor scores, Tensor floor, Tensor table, Tensor coef) -> Tensor",
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and

@@ -147,12 +147,22 @@ def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, check_value
         raise ValueError(f"{name} must start at 0, got {c[0]}")
     if c[-1] != total:
         raise ValueError(f"{name} must end at the token count {total}, got {c[-1]}")
-    lens = [b - a for a, b in zip(c, c[1:], strict=False)]
+    lens = _lengths(c)
     if any(n < 0 for n in lens):
         s = next(i for i, n in enumerate(lens) if n < 0)
         raise ValueError(f"{name} must be non-decreasing: {name}[{s}] = {c[s]} > {name}[{s + 1}] = {c[s + 1]}")
     if lens and max(lens) > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is below the longest segment ({max(lens)} tokens)")
+
+
+def _lengths(offsets: list[int]) -> list[int]:
+    """Segment lengths from cumulative offsets."""
+    return [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+
+
+def _segment_lengths(cu_seqlens) -> list[int]:
+    """Per-segment lengths as Python ints (a host read: a device sync for CUDA tensors)."""
+    return _lengths(cu_seqlens.tolist())
 
 
 def _should_check_values(device: torch.device, validate: bool | None) -> bool:
@@ -422,12 +432,6 @@ def _run_flash_attn(
     return out, lse
 
 
-def _segment_lengths(cu_seqlens) -> list[int]:
-    """Per-segment lengths as Python ints (a host read: a device sync for CUDA tensors)."""
-    c = cu_seqlens.tolist()
-    return [b - a for a, b in zip(c, c[1:], strict=False)]
-
-
 def _xformers_layout_refusal(lens_q: list[int], lens_k: list[int], mode: int) -> str | None:
     """Why xformers' block-diagonal biases cannot give mmcore's masks for this layout, or None.
 
@@ -444,36 +448,9 @@ def _xformers_layout_refusal(lens_q: list[int], lens_k: list[int], mode: int) ->
     return None
 
 
-def _xformers_supports(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    mode,
-    prefix_lens,
-    softmax_scale,
-    dropout_p,
-    seed,
-    offset,
-):
-    reason = _peer_supports(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        mode,
-        prefix_lens,
-        softmax_scale,
-        dropout_p,
-        seed,
-        offset,
-    )
+def _xformers_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mode, *rest):
+    """flash-attn's limits (``_peer_supports``), and the layouts xformers' biases can express."""
+    reason = _peer_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, mode, *rest)
     if reason is not None:
         return reason
     if torch.compiler.is_compiling():

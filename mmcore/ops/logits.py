@@ -346,10 +346,10 @@ class ScreenedHead:
             table[1, r : r + w.shape[0]] = (1 + _INT8_U2) * low_norm
         table[:2] *= 1 + 2**-18  # float64 norms rounded, then float32 rounding of the tables and of the bounds' sums
         table[2] = 1.0
-        table = table.float()
-        self._table_max = torch.stack([(table[0] + table[1]).max(), 2 * table[1].max()]) if vocab else None
-        self._table = torch.zeros(3, padded_v)  # padded to whole panels: the kernel reads 16 rows at a time
-        self._table[:, :vocab] = table
+        self._table = table.float()
+        self._table_max = (
+            torch.stack([(self._table[0] + self._table[1]).max(), 2 * self._table[1].max()]) if vocab else None
+        )
         self._offsets = q.sum(1, dtype=torch.int32) * 128
         # (V_pad / 16, D_pad / 4, 16, 4): 4 columns of 16 rows per 64 bytes (the kernel's vpdpbusd operand)
         self._packed = q.view(padded_v // 16, 16, padded_d // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -375,29 +375,26 @@ class ScreenedHead:
         table[:, v], rounding of that product included); None when ``hidden`` is not finite or a logit or bound
         could overflow float32 (then nothing can be screened)."""
         if self.kind == "int8":
-            if not bool(torch.isfinite(hidden).all()):
+            if not bool(torch.isfinite(hidden).all()):  # the codes' conversion needs finite values
                 return None
             # _quantize_rows' codes and the norms of h and of its residual, in one C++ pass
             codes, scale, norms = _library.op("quantize_rows_int8")(hidden, self._padded_d)
             coef = (norms * (1 + 2**-18)).float()  # rounded up (float64 -> float32 rounds within 2**-24)
-        else:
-            low = _bfloat16_flushed(hidden)
-            gap = (hidden - low.float()).norm(dim=1) + self._tiny
-            coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
-        if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
-            return None
-        coef = torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
-        if self.kind == "int8":
             approx = _library.op("screen_logits_int8")(
                 codes, self._packed, self._offsets, self._scale, scale, self.weight.shape[0]
             )
         else:
+            low = _bfloat16_flushed(hidden)
+            gap = (hidden - low.float()).norm(dim=1) + self._tiny
+            coef = torch.stack([hidden.norm(dim=1) + self._tiny + gap, gap], dim=1) * self._norm_factor  # (B, 2)
             approx = decode_logits(low, self.low, backend="cpp")
-        return approx, coef
+        if not bool(torch.isfinite(coef).all()) or float((coef @ self._table_max).max()) > _SCREEN_LIMIT:
+            return None
+        return approx, torch.cat([coef, coef.new_full((coef.shape[0], 1), self._underflow)], dim=1)
 
     @property
     def table(self) -> torch.Tensor:
-        """(3, >= V) float32: the per-row factors of the error bounds (``approximate``); columns past V are zero."""
+        """(3, V) float32: the per-row factors of the error bounds (``approximate``)."""
         return self._table
 
     def bounds(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -407,8 +404,7 @@ class ScreenedHead:
         if found is None:
             return None
         approx, coef = found
-        table = self._table[:, : approx.shape[1]]
-        return torch.addmm(approx, coef, table, alpha=-1), approx.addmm_(coef, table)
+        return torch.addmm(approx, coef, self._table, alpha=-1), approx.addmm_(coef, self._table)
 
     def exact(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """(B, len(rows)) float32: the float32 logits of vocabulary ids ``rows``, bit for bit what ``decode_logits``

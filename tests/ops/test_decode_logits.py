@@ -1,14 +1,11 @@
 """decode_logits against the float64 reference: batch x width x row ranges x bias, layouts, dtypes, errors,
 gradients refused by the C++ kernel, custom-op checks."""
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from mmcore.ops import BackendError, available_backends, decode_logits, decode_logits_ref
-from mmcore.testing import assert_close_to_ref, error_report
+from mmcore.testing import assert_close_to_ref, cpu_has_flag, error_report, run_in_subprocess
 
 CPU = [b for b in available_backends("decode_logits", "cpu") if b != "triton"]
 HAS_CPP = "cpp" in CPU
@@ -132,28 +129,19 @@ def test_bfloat16_inputs_give_float32(backend, rows, bias, d, b):
 
 
 @needs_cpp
-def test_bfloat16_widening_path_matches(tmp_path):
+def test_bfloat16_widening_path_matches():
     """MMCORE_DISABLE_AVX512BF16=1: the path of CPUs without AVX512-BF16 (both operands widened to float32) gives
     the reference too, and agrees with the dot-product path to float32 rounding."""
-    import subprocess
-    import sys
-
     torch.manual_seed(3)
     hidden, weight, bias = problem(5, 100, v=301, dtype=torch.bfloat16)
-    torch.save(dict(hidden=hidden, weight=weight, bias=bias), tmp_path / "in.pt")
-    script = (
-        "import sys, torch\n"
-        "from mmcore.ops import decode_logits\n"
-        "x = torch.load(sys.argv[1])\n"
-        "torch.save(decode_logits(x['hidden'], x['weight'], x['bias'], backend='cpp'), sys.argv[2])\n"
+    widened = run_in_subprocess(
+        "from mmcore.ops import decode_logits\nresult = decode_logits(hidden, weight, bias, backend='cpp')",
+        dict(hidden=hidden, weight=weight, bias=bias),
+        {"MMCORE_DISABLE_AVX512BF16": "1"},
     )
-    env = {**os.environ, "MMCORE_DISABLE_AVX512BF16": "1"}
-    subprocess.run([sys.executable, "-c", script, tmp_path / "in.pt", tmp_path / "out.pt"], env=env, check=True)
-    widened = torch.load(tmp_path / "out.pt")
     check(widened, hidden, weight, bias, None)
     direct = decode_logits(hidden, weight, bias, backend="cpp")
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists() and "avx512_bf16" in cpuinfo.read_text():  # then the direct call took the dot products
+    if cpu_has_flag("avx512_bf16"):  # then the direct call took the dot products
         assert not torch.equal(widened, direct), "the variable selected the other path (another summation order)"
     assert (widened - direct).abs().max() <= 1e-5 * decode_logits_ref(hidden.abs(), weight.abs()).max()
 

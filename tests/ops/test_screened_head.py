@@ -3,11 +3,6 @@ rows are the whole head's bit for bit, and the candidates it leaves always conta
 -- near ties included; and the int8 kernel (``mmcore::screen_logits_int8``) against a reference of its arithmetic,
 on its AVX512-VNNI path and its scalar one."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -15,6 +10,7 @@ from mmcore import ops
 from mmcore.models.kosmos2 import generation
 from mmcore.ops import logits
 from mmcore.ops._library import op
+from mmcore.testing import cpu_has_flag, run_in_subprocess
 
 pytestmark = pytest.mark.skipif(not ops.ScreenedHead.available(), reason="mmcore._C has no decode_logits kernel")
 
@@ -234,23 +230,18 @@ def test_int8_kernel_matches_its_arithmetic_exactly(b, v, d):
     assert torch.equal(got, want)
 
 
-def test_int8_scalar_path_gives_the_same_results(tmp_path):
+def test_int8_scalar_path_gives_the_same_results():
     """MMCORE_DISABLE_AVX512VNNI=1: the path of CPUs without AVX512-VNNI, bit for bit the same."""
     args, want = int8_problem(6, 301, 100, seed=3)
-    torch.save(dict(args=args), tmp_path / "in.pt")
-    script = (
-        "import sys, torch\n"
-        "import mmcore.ops\n"
-        "from mmcore import _extension\n"
-        "from mmcore.ops._library import op\n"
-        "assert not _extension.extension().int8_dot_fast()\n"
-        "torch.save(op('screen_logits_int8')(*torch.load(sys.argv[1])['args']), sys.argv[2])\n"
+    fast, got = run_in_subprocess(
+        "from mmcore.ops import logits\nfrom mmcore.ops._library import op\n"
+        "result = (logits._int8_fast(), op('screen_logits_int8')(*args))",
+        dict(args=args),
+        {"MMCORE_DISABLE_AVX512VNNI": "1"},
     )
-    env = {**os.environ, "MMCORE_DISABLE_AVX512VNNI": "1"}
-    subprocess.run([sys.executable, "-c", script, tmp_path / "in.pt", tmp_path / "out.pt"], env=env, check=True)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), want)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists() and "avx512_vnni" in cpuinfo.read_text():
+    assert not fast, "the variable turned the AVX512-VNNI path off"
+    assert torch.equal(got, want)
+    if cpu_has_flag("avx512_vnni"):
         assert logits._int8_fast(), "this CPU has AVX512-VNNI: the direct calls above took that path"
 
 
@@ -285,15 +276,14 @@ def test_screen_candidates_is_the_union_of_allowed_rows_above_the_floor(b, v):
     if v > 2 and b:
         approx[0, 1] = torch.nan  # never a candidate
         approx[0, 2] = torch.inf
-    table = torch.rand(3, v + 5, generator=g) * 0.1  # wider than V, as the int8 screen's padded table
+    t = torch.rand(3, v, generator=g) * 0.1
     coef = torch.rand(b, 3, generator=g)
     floor = torch.full((b,), 1.5)
     if b > 1:
         floor[1] = torch.inf  # a finished row: no candidates of its own
-    t = table[:, :v]
     upper = approx + ((coef[:, :1] * t[0] + coef[:, 1:2] * t[1]) + coef[:, 2:] * t[2])  # the op's order
     want = ((upper >= floor[:, None]) & (scores > -torch.inf)).any(0).nonzero().flatten() if b else torch.zeros(0)
-    got = op("screen_candidates")(approx, scores, floor, table, coef)
+    got = op("screen_candidates")(approx, scores, floor, t, coef)
     assert got.dtype == torch.int64 and torch.equal(got, want.long())
 
 
@@ -303,8 +293,8 @@ def test_screen_candidates_validation():
         op("screen_candidates")(x, torch.zeros(2, 4), torch.zeros(2), t, c)
     with pytest.raises(ValueError, match="floor must have shape"):
         op("screen_candidates")(x, x, torch.zeros(3), t, c)
-    with pytest.raises(ValueError, match="table must be"):
-        op("screen_candidates")(x, x, torch.zeros(2), torch.zeros(3, 4), c)
+    with pytest.raises(ValueError, match=r"table must have shape \(3, 5\)"):
+        op("screen_candidates")(x, x, torch.zeros(2), torch.zeros(3, 6), c)
     with pytest.raises(ValueError, match="coef must have shape"):
         op("screen_candidates")(x, x, torch.zeros(2), t, torch.zeros(2, 2))
     with pytest.raises(TypeError, match="float32"):
