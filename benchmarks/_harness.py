@@ -64,25 +64,43 @@ def time_fn(
 
 
 def peak_rss_growth(module: str, setup: str, run: str) -> int:
-    """Bytes by which a fresh Python process's maximum resident set grows while it executes ``run`` after
-    ``setup`` (both run after ``from <module> import *``, with benchmarks/ on the path). The CPU's peak-memory
-    measure: a new process, so nothing measured earlier in this one hides under the high-water mark. ``setup``
-    should allocate without temporaries larger than what ``run`` needs."""
+    """Bytes by which a fresh Python process's resident set rises above its level at the start of ``run``, at
+    its highest while ``run`` executes (``setup`` and ``run`` both execute after ``from <module> import *``, with
+    benchmarks/ on the path). The CPU's peak-memory measure.
+
+    The process's high-water mark (VmHWM) is reset just before ``run`` (``/proc/self/clear_refs``, Linux), so
+    nothing ``setup`` or the imports touched hides the run's peak; and glibc is told to serve every allocation
+    above 64 KiB by mmap and give it back on free (``MALLOC_MMAP_THRESHOLD_``), so the resident set follows the
+    live tensors instead of heap pages kept from earlier frees (with glibc's default, growing threshold, pages
+    freed by ``setup`` were reused by ``run`` and an earlier version of this measure read 0 for runs that
+    allocate 100+ MiB). Raises RuntimeError where /proc/self/clear_refs cannot be written."""
     import sys
     import textwrap
 
     code = "\n".join(
         [
-            "import resource, sys",
+            "import sys",
             f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})",
             f"from {module} import *",
             textwrap.dedent(setup),
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss",
+            "def _status(key):",
+            "    for line in open('/proc/self/status'):",
+            "        if line.startswith(key + ':'):",
+            "            return int(line.split()[1]) * 1024",
+            "    raise RuntimeError(f'/proc/self/status has no {key}')",
+            "try:",
+            "    open('/proc/self/clear_refs', 'w').write('5')",
+            "except OSError as e:",
+            "    raise RuntimeError(f'peak memory needs a writable /proc/self/clear_refs (Linux): {e}') from None",
+            "before = _status('VmRSS')",
             textwrap.dedent(run),
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)",
+            "print(_status('VmHWM') - before)",
         ]
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"peak-memory subprocess failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
     return int(out.stdout.split()[-1])
 
 
