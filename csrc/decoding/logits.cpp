@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include "decoding/cpu_features.h"
+#include "decoding/logits.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -433,6 +434,12 @@ void run_bf16(const at::Tensor& hidden, const at::Tensor& weight, const std::opt
 }
 
 }  // namespace
+
+void linear_f32(const float* hidden, int64_t batch, int64_t dim, const float* weight, int64_t ldw, const float* bias,
+                float* out, int64_t rows) {
+  const Problem<float> p{hidden, weight, bias, out, batch, dim, rows, ldw};
+  at::parallel_for(0, p.rows, kGrainRows, [&](int64_t r0, int64_t r1) { logits_rows(p, r0, r1); });
+}
 
 at::Tensor decode_logits_cpu(const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              int64_t row_start, int64_t row_end) {

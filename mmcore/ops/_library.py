@@ -40,6 +40,15 @@ SCHEMAS: dict[str, str] = {
     # table[:, c] >= floor[r] and scores[r, c] > -inf for some row r; approx, scores (B, V), floor (B,), table
     # (3, V), coef (B, 3), all float32.
     "screen_candidates": "(Tensor approx, Tensor scores, Tensor floor, Tensor table, Tensor coef) -> Tensor",
+    # Kosmos-2's text decoder for one generation step, every layer (csrc/decoding/decoder_step.cpp; the Python entry
+    # point and parameter order: mmcore/models/kosmos2/modeling.py TextDecoder.step). x (T, D) float32 embedded
+    # tokens; params 16 per layer + the final LayerNorm's 2; the caches (layers, slots, heads, head_dim) get this
+    # step's keys and values at write_index (T,) int64. Returns (T, D). Inference only, CPU only.
+    "kosmos2_decode_step": (
+        "(Tensor x, Tensor[] params, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor write_index, "
+        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int heads, float eps, "
+        "str activation) -> Tensor"
+    ),
     # packed (varlen) attention, flash-attn layout. q (total_q, H, D), k/v (total_k, H_kv, D), cu_seqlens int32.
     # mode: 0 full, 1 causal (bottom-right aligned), 2 prefix. Returns out (total_q, H, D) in q's dtype and
     # lse (H, total_q) float32, +inf for rows with no visible key (their output is 0).

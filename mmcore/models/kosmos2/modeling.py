@@ -23,6 +23,18 @@ from mmcore import ops
 from mmcore.models.kosmos2.config import Kosmos2Config, Kosmos2TextConfig
 from mmcore.models.layers.linear import Linear
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
+from mmcore.ops import _library
+from mmcore.ops._dispatch import extension_kernel
+from mmcore.ops.logits import LINEAR_SMALL_ROWS
+
+# the extension has the fused decoder step (TextDecoder.step)
+_FUSED_STEP_ON_CPU = extension_kernel("kosmos2_decode_step")("cpu") is None
+
+
+@torch.library.register_fake("mmcore::kosmos2_decode_step")
+def _fake_decode_step(x, params, k_cache, v_cache, write_index, cu_q, cu_k, max_q, max_k, heads, eps, activation):
+    return torch.empty_like(x)
+
 
 # ------------------------------------------------------------------------------------------ layout
 
@@ -161,6 +173,8 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.layers))
         self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
+        # generation steps on the CPU through one C++ op (``step``); False runs the module path
+        self.fused_step = True
 
     def embed(self, input_ids, positions, position_bound, image_embeds=None, image_mask=None):
         """input_ids, positions: (tokens,); image_embeds (images, latents, D) go to the True slots of image_mask in
@@ -172,6 +186,56 @@ class TextDecoder(nn.Module):
         # NOTE: transformers applies this dropout twice (embedding and decoder entry); the original applies it once.
         return F.dropout(x, self.config.dropout, self.training)
 
+    def step_params(self) -> list[torch.Tensor]:
+        """The parameters ``mmcore::kosmos2_decode_step`` takes, in its order: per layer the self-attention
+        LayerNorm, qkv, inner_attn_ln, out_proj, final_layer_norm, fc1, ffn_layernorm, fc2 (weight, bias each), then
+        the final LayerNorm."""
+        params = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            for module in (layer.self_attn_layer_norm, attn.qkv, attn.inner_attn_ln, attn.out_proj,
+                           layer.final_layer_norm, layer.fc1, layer.ffn_layernorm, layer.fc2):  # fmt: skip
+                params += (module.weight, module.bias)
+        return params + [self.layer_norm.weight, self.layer_norm.bias]
+
+    def _fused_step_applies(self, x, cache: KVCache | None, keep) -> bool:
+        """A generation step on the CPU that ``step`` can take: float32 inference on at most
+        ``ops.logits.LINEAR_SMALL_ROWS`` tokens against a float32 cache, outside torch.compile."""
+        return (
+            self.fused_step
+            and _FUSED_STEP_ON_CPU
+            and cache is not None
+            and keep is None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and 0 < x.shape[0] <= LINEAR_SMALL_ROWS
+            and x.device.type == "cpu"
+            and x.dtype == cache.k.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+        )
+
+    def step(self, x, layout: PackedLayout, cache: KVCache) -> torch.Tensor:
+        """``forward(x, layout, cache)`` in eval mode as one C++ op (``mmcore::kosmos2_decode_step``,
+        csrc/decoding/decoder_step.cpp): every layer's LayerNorms, products (the ``decode_logits`` kernel), cache
+        writes, attention over the cache (``packed_attention``'s C++ forward), activation and residual adds, then
+        the final LayerNorm. Same arithmetic as the module path; the sums differ from it in the last bits.
+        x: (tokens, D) float32 on the CPU, a few tokens (a decoding step of a batch) -> (tokens, D)."""
+        c = self.config
+        return _library.op("kosmos2_decode_step")(
+            x,
+            self.step_params(),
+            cache.k,
+            cache.v,
+            cache.write_index,
+            layout.cu_seqlens_q,
+            layout.cu_seqlens_k,
+            layout.max_seqlen_q,
+            layout.max_seqlen_k,
+            c.attention_heads,
+            c.layer_norm_eps,
+            c.activation_function,
+        )
+
     def forward(self, x, layout: PackedLayout, cache: KVCache | None = None, keep=None):
         """x: (tokens, D) embedded -> (tokens, D) after the final LayerNorm.
 
@@ -179,6 +243,8 @@ class TextDecoder(nn.Module):
         generation prefill needs each prompt's last token; the others only fill the KV cache). The last layer then
         runs attention for those queries only and its feed-forward on those rows only -- a quarter of a 4-layer
         prefill's matrix products -- and returns (len(rows), D)."""
+        if self._fused_step_applies(x, cache, keep):
+            return self.step(x, layout, cache)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
