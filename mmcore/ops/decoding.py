@@ -390,7 +390,18 @@ class DecodeState:
         sequences[:, :plen] = input_ids
         box_state = torch.full((batch,), TEXT, dtype=torch.int64, device=device)
         top_left = torch.full((batch,), -1, dtype=torch.int64, device=device)
-        for p in range(plen):  # a scan of the prompts through the grammar, batched over rows
+        first = 0
+        if check_values and plen:
+            # A token other than a location or the delimiter fixes the state by itself (advance_box_state), so each
+            # row's scan may start at its last such token; the batch's scan starts at the earliest of those (a row
+            # without one, from its start). On the CPU this cuts the scan from the prompt length (~15 small ops a
+            # position, 3.7 ms for 8 x 71 tokens) to the trailing run of location tokens, usually one position.
+            seq, cols = sequences[:, :plen], torch.arange(plen, device=device)
+            chain = ((seq >= tokens.first_loc) & (seq < tokens.loc_end)) | (seq == tokens.delimiter)
+            inside_all = (cols >= starts[:, None]) & (cols < lengths[:, None])
+            last_break = torch.where(inside_all & ~chain, cols, -1).amax(1)
+            first = int(torch.where(last_break >= 0, last_break, starts).min())
+        for p in range(first, plen):  # a scan of the prompts through the grammar, batched over rows
             inside = (p >= starts) & (p < lengths)
             new_state, new_top_left = advance_box_state(box_state, top_left, sequences[:, p], tokens)
             box_state = torch.where(inside, new_state, box_state)

@@ -199,6 +199,34 @@ def test_create_reads_the_grammar_state_from_the_prompt(tail, state, top_left):
     assert s.sequences.shape == (2, ids.shape[1] + 4) and s.seed == 5 and s.steps_taken == 0
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_create_state_equals_the_oracle_on_random_grammar_heavy_prompts(padding):
+    """Prompts dense in location tokens, delimiters, tags and whole-row runs of them (where the scan must start at a
+    row's first token), left- or right-padded: each row's state equals the plain-Python oracle's."""
+    g = torch.Generator().manual_seed(11)
+    pool = [TOK.first_loc, TOK.first_loc + 5, TOK.loc_end - 1, TOK.delimiter, TOK.object_open, TOK.phrase_close,
+            TOK.object_close, 9]  # fmt: skip
+    oracle = prefix_allowed_tokens_fn(TOK, V).state_of
+    for trial in range(20):
+        prompts = []
+        for r in range(5):
+            n = int(torch.randint(0, 9, (1,), generator=g))
+            only_chain = r == 0 and trial % 2 == 0  # a row of location tokens and delimiters alone
+            choices = pool[:4] if only_chain else pool
+            prompts.append([choices[int(i)] for i in torch.randint(0, len(choices), (n,), generator=g)])
+        if padding == "left":
+            ids, mask = left_padded(prompts) if any(prompts) else left_padded([[9]] + prompts[1:])
+            s = DecodeState.create(ids, 2, TOK, attention_mask=mask)
+        else:
+            width = max(1, max(len(p) for p in prompts))
+            ids = torch.tensor([p + [TOK.pad] * (width - len(p)) for p in prompts])
+            s = DecodeState.create(ids, 2, TOK, prompt_lengths=torch.tensor([len(p) for p in prompts]))
+        for r, p in enumerate(prompts):
+            if padding == "left" and not any(prompts) and r == 0:
+                p = [9]
+            assert (int(s.box_state[r]), int(s.top_left[r])) == oracle(p), (trial, r, p)
+
+
 def test_create_layouts_and_generated():
     rows = [[8, 9, 26], [27], [], [28, 29]]
     ids, mask = left_padded(rows)
