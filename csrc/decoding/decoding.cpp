@@ -177,46 +177,69 @@ void ban_by_grammar(float* x, int64_t vocab, int64_t state, int64_t top_left, co
   }
 }
 
-// The maximum of x[0, n) (NaN entries are skipped) and the first index holding it (n when n == 0): eight
-// independent running maxima, so the loop is not one long dependency chain, then a search for the first equal entry.
-std::pair<float, int64_t> max_and_first(const float* x, int64_t n) {
+// The maximum of x[0, n), the first index holding it (n when n == 0), and whether some entry is NaN (NaN entries
+// are otherwise skipped): eight independent running maxima, so the loop is not one long dependency chain, then a
+// search for the first equal entry.
+struct RowMax {
+  float best;
+  int64_t index;
+  bool nan;
+};
+
+RowMax max_and_first(const float* x, int64_t n) {
   std::array<float, 8> m;
   m.fill(kNegInf);
+  bool nan = false;
   int64_t v = 0;
   for (; v + 8 <= n; v += 8) {
-    for (int k = 0; k < 8; ++k) m[k] = x[v + k] > m[k] ? x[v + k] : m[k];
+    for (int k = 0; k < 8; ++k) {
+      m[k] = x[v + k] > m[k] ? x[v + k] : m[k];
+      nan |= std::isnan(x[v + k]);
+    }
   }
-  for (; v < n; ++v) m[0] = x[v] > m[0] ? x[v] : m[0];
+  for (; v < n; ++v) {
+    m[0] = x[v] > m[0] ? x[v] : m[0];
+    nan |= std::isnan(x[v]);
+  }
   const float best = *std::max_element(m.begin(), m.end());
-  return {best, std::find(x, x + n, best) - x};
+  return {best, std::find(x, x + n, best) - x, nan};
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // The same with AVX-512: four 16-lane running maxima (vmaxps returns its second operand when the first is NaN,
 // as the comparison above keeps the running maximum), then a 16-lane search. A greedy step of a batch of 8 over
 // 65,037 logits spent most of its time in the scalar search.
-[[gnu::target("avx512f")]] std::pair<float, int64_t> max_and_first_avx512(const float* x, int64_t n) {
+[[gnu::target("avx512f")]] RowMax max_and_first_avx512(const float* x, int64_t n) {
   __m512 m[4];
   for (auto& acc : m) acc = _mm512_set1_ps(kNegInf);
+  __mmask16 unordered = 0;  // lanes that met a NaN
   int64_t v = 0;
   for (; v + 64 <= n; v += 64) {
-    for (int k = 0; k < 4; ++k) m[k] = _mm512_max_ps(_mm512_loadu_ps(x + v + 16 * k), m[k]);
+    for (int k = 0; k < 4; ++k) {
+      const __m512 xv = _mm512_loadu_ps(x + v + 16 * k);
+      m[k] = _mm512_max_ps(xv, m[k]);
+      unordered |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    }
   }
   float best = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
-  for (; v < n; ++v) best = x[v] > best ? x[v] : best;
+  bool nan = unordered != 0;
+  for (; v < n; ++v) {
+    best = x[v] > best ? x[v] : best;
+    nan |= std::isnan(x[v]);
+  }
   const __m512 target = _mm512_set1_ps(best);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __mmask16 eq = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), target, _CMP_EQ_OQ);
-    if (eq != 0) return {best, i + __builtin_ctz(eq)};
+    if (eq != 0) return {best, i + __builtin_ctz(eq), nan};
   }
   for (; i < n; ++i) {
-    if (x[i] == best) return {best, i};
+    if (x[i] == best) return {best, i, nan};
   }
-  return {best, n};
+  return {best, n, nan};
 }
 #else
-std::pair<float, int64_t> max_and_first_avx512(const float* x, int64_t n) { return max_and_first(x, n); }
+RowMax max_and_first_avx512(const float* x, int64_t n) { return max_and_first(x, n); }
 #endif
 
 struct RowState {
@@ -253,7 +276,11 @@ int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64
     }
   }
   // maximum and its first index; nothing finite: the grammar's allowed tokens with score 0
-  auto [best, next] = has_avx512f() ? max_and_first_avx512(x, vocab) : max_and_first(x, vocab);
+  auto [best, next, nan] = has_avx512f() ? max_and_first_avx512(x, vocab) : max_and_first(x, vocab);
+  // NaN left after the bans: no token can be chosen by the scores (torch.argmax would return the NaN's index and
+  // sampling has no distribution); finished rows emit pad whatever their logits hold
+  TORCH_CHECK_VALUE(!nan || r.finished, "grounded_decode_step: the logits of row ", row,
+                    " hold NaN (after the bans): the model's output is not finite");
   if (best == kNegInf) {
     next = vocab;
     for (int64_t v = vocab - 1; v >= 0; --v) {

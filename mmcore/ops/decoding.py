@@ -42,7 +42,9 @@ Rows that emitted EOS are finished and produce ``pad`` from then on. The step ap
 waits for the device (the buffer's bound is guarded by a host-side step count, ``DecodeState.steps_taken``).
 
 Logits are processed in float32 (transformers' generate casts the step's logits to float32 too); float16 and
-bfloat16 logits are read as they are, float64 logits are cast at the boundary. Logits must not hold NaN or +inf.
+bfloat16 logits are read as they are, float64 logits are cast at the boundary. Logits must not hold NaN or +inf;
+on CPU tensors (torch and C++ backends) a NaN left after the bans in an unfinished row raises ValueError naming
+the row, on CUDA tensors it is not checked (that would read the device on the host).
 """
 
 from __future__ import annotations
@@ -544,6 +546,20 @@ def process_logits_ref(
     return x
 
 
+def check_no_nan(scores: torch.Tensor, finished: torch.Tensor) -> None:
+    """ValueError naming the first unfinished row whose processed scores hold NaN: no token can be chosen from
+    them (``torch.argmax`` would return the NaN's index). CPU tensors outside torch.compile only (elsewhere it would
+    read the device on the host); the C++ backend raises the same error, the Triton backend does not check."""
+    if scores.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    bad = torch.isnan(scores).any(-1) & ~finished
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"grounded_decode_step: the logits of row {row} hold NaN (after the bans): the model's output is not finite"
+        )
+
+
 def choose_tokens_ref(scores: torch.Tensor, steps: torch.Tensor, *, do_sample: bool, seed: int) -> torch.Tensor:
     """(batch,) int64: argmax (first maximum), or the inverse-CDF sample of the module docstring."""
     if not do_sample:
@@ -598,6 +614,7 @@ def grounded_decode_step_ref(
         top_p=top_p,
         constrain_boxes=constrain_boxes,
     )
+    check_no_nan(scores, state.finished)
     chosen = choose_tokens_ref(scores, state.steps, do_sample=do_sample, seed=state.seed if seed is None else seed)
     out = advance_state_(state.tensors(), chosen, tokens)
     state.steps_taken += 1
@@ -632,6 +649,7 @@ def _run_torch(*args):
     sequences, lengths, starts, box_state, top_left, steps, finished = state_tensors
     view = DecodeState(*state_tensors, tokens=tokens, max_new_tokens=1, seed=seed)
     scores = process_logits_ref(logits, view, tokens, **options)
+    check_no_nan(scores, finished)
     chosen = choose_tokens_ref(scores, steps, do_sample=options["do_sample"], seed=seed)
     if scores_out is not None:
         scores_out.copy_(scores)

@@ -724,6 +724,31 @@ def test_every_output_element_written(backend, do_sample):
     assert lengths.tolist() == [8] * 4
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("do_sample", [False, True])
+@pytest.mark.parametrize("vocab", [V, 1000])
+def test_nan_logits_raise_naming_the_row(backend, do_sample, vocab):
+    """A NaN left after the bans in an unfinished row is an error (at the vectorised scan's blocks and its tail);
+    a NaN on a banned token or in a finished row is not."""
+    ids = torch.randint(8, 12, (4, 6), generator=torch.Generator().manual_seed(3))
+    opts = dict(min_new_tokens=1, do_sample=do_sample, top_k=3 if do_sample else 0, backend=backend)
+    for where in (9, vocab - 1, 26 if vocab == V else 70):  # words, in the scan's blocks and its tail
+        logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(where))
+        logits[2, where] = math.nan
+        state = DecodeState.create(ids, 3, TOK, seed=1)
+        with pytest.raises(ValueError, match="logits of row 2 hold NaN"):
+            grounded_decode_step(logits, state, TOK, **opts)
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(8))
+    logits[1, TOK.eos] = math.nan  # banned: min_new_tokens
+    logits[3, TOK.first_loc] = math.nan  # banned: a location token outside a box
+    state = DecodeState.create(ids, 3, TOK, seed=1)
+    grounded_decode_step(logits, state, TOK, **opts)
+    state = DecodeState.create(ids, 3, TOK, seed=1)
+    state.finished[0] = True
+    logits[0] = math.nan
+    assert int(grounded_decode_step(logits, state, TOK, **opts)[0]) == TOK.pad
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="mmcore._C not built")
 def test_opcheck_cpp_op():
     torch.library.opcheck(op("grounded_decode_step"), _op_args())
