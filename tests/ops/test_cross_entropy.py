@@ -141,6 +141,9 @@ def test_default_chunk_rows():
     assert default_chunk_rows(1, 8, 65037) == 1
     assert default_chunk_rows(2048, 64, 65037) == 256  # narrow hidden: the floor, 1/8 of the rows
     assert default_chunk_rows(10**7, 64, 65037) == (256 << 20) // (4 * 65037)
+    assert default_chunk_rows(330, 256, 30522) == 330  # 40 MB of logits: one chunk (SMALL_LOGITS_BYTES)
+    assert default_chunk_rows(600, 256, 65037) == 200  # 257 rows' worth of 64 MB, split into 3 equal chunks
+    assert default_chunk_rows(100, 8, 10**7) == 6  # the 256 MB cap wins over the floor
 
 
 @pytest.mark.parametrize(
