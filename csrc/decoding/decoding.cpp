@@ -242,6 +242,9 @@ RowMax max_and_first(const float* x, int64_t n) {
 RowMax max_and_first_avx512(const float* x, int64_t n) { return max_and_first(x, n); }
 #endif
 
+// decode_row's result for a row whose scores hold NaN after the bans (no token can be chosen).
+constexpr int64_t kNanRow = -1;
+
 struct RowState {
   int64_t* seq;  // (max_len,)
   int64_t& length;
@@ -252,10 +255,11 @@ struct RowState {
   bool& finished;
 };
 
+// Row `row`'s choice (its state is only read; the scores go to x): the token, or kNanRow.
 template <typename scalar_t>
-int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64_t batch, int64_t row, RowState r,
-                   float* x, std::vector<float>& weights, std::vector<std::pair<uint32_t, double>>& bucket,
-                   const Special& s, const Options& o) {
+int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t batch, int64_t row, RowState r, float* x,
+                   std::vector<float>& weights, std::vector<std::pair<uint32_t, double>>& bucket, const Special& s,
+                   const Options& o) {
   // logits (/ temperature) into the workspace, then the grammar's and min-new-tokens' bans
   for (int64_t v = 0; v < vocab; ++v) x[v] = static_cast<float>(logits[v]);
   if (o.do_sample) {
@@ -278,9 +282,8 @@ int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64
   // maximum and its first index; nothing finite: the grammar's allowed tokens with score 0
   auto [best, next, nan] = has_avx512f() ? max_and_first_avx512(x, vocab) : max_and_first(x, vocab);
   // NaN left after the bans: no token can be chosen by the scores (torch.argmax would return the NaN's index and
-  // sampling has no distribution); finished rows emit pad whatever their logits hold
-  TORCH_CHECK_VALUE(!nan || r.finished, "grounded_decode_step: the logits of row ", row,
-                    " hold NaN (after the bans): the model's output is not finite");
+  // sampling has no distribution); finished rows emit pad whatever their logits hold. The caller raises.
+  if (nan && !r.finished) return kNanRow;
   if (best == kNegInf) {
     next = vocab;
     for (int64_t v = vocab - 1; v >= 0; --v) {
@@ -341,7 +344,12 @@ int64_t decode_row(const scalar_t* logits, int64_t vocab, int64_t max_len, int64
     }
   }
 
-  // state update: finished rows emit pad; append; grammar transition
+  return next;
+}
+
+// The state update of a row after its choice: finished rows emit pad; append; grammar transition. Returns the token
+// emitted.
+int64_t advance_row(RowState r, int64_t next, int64_t max_len, const Special& s) {
   if (r.finished) next = s.pad;
   if (r.length < max_len) r.seq[r.length] = next;
   r.length += 1;
@@ -441,10 +449,19 @@ at::Tensor grounded_decode_step_cpu(const at::Tensor& logits, at::Tensor& sequen
       for (int64_t r = begin; r < end; ++r) {
         float* x = sc ? sc + r * vocab : workspace.data();
         RowState row{seq + r * max_len, len[r], start[r], state[r], tl[r], step[r], fin[r]};
-        o_ptr[r] = decode_row(lp + r * stride, vocab, max_len, batch, r, row, x, weights, bucket, s, o);
+        o_ptr[r] = decode_row(lp + r * stride, vocab, batch, r, row, x, weights, bucket, s, o);
       }
     });
   });
+  // every row chosen before any state changes, so an error leaves the state as it was (as the torch backend's)
+  for (int64_t r = 0; r < batch; ++r) {
+    TORCH_CHECK_VALUE(o_ptr[r] != kNanRow, "grounded_decode_step: the logits of row ", r,
+                      " hold NaN (after the bans): the model's output is not finite");
+  }
+  for (int64_t r = 0; r < batch; ++r) {
+    const RowState row{seq + r * max_len, len[r], start[r], state[r], tl[r], step[r], fin[r]};
+    o_ptr[r] = advance_row(row, o_ptr[r], max_len, s);
+  }
   return out;
 }
 

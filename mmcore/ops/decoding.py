@@ -546,18 +546,19 @@ def process_logits_ref(
     return x
 
 
-def check_no_nan(scores: torch.Tensor, finished: torch.Tensor) -> None:
-    """ValueError naming the first unfinished row whose processed scores hold NaN: no token can be chosen from
-    them (``torch.argmax`` would return the NaN's index). CPU tensors outside torch.compile only (elsewhere it would
-    read the device on the host); the C++ backend raises the same error, the Triton backend does not check."""
+def check_no_nan(scores: torch.Tensor, finished: torch.Tensor | None, what: str = "grounded_decode_step") -> None:
+    """ValueError naming the first unfinished row (``finished`` None: any row) whose processed scores hold NaN: no
+    token can be chosen from them (``torch.argmax`` would return the NaN's index). CPU tensors outside torch.compile
+    only (elsewhere it would read the device on the host); the C++ backend raises the same error, the Triton backend
+    does not check."""
     if scores.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    bad = torch.isnan(scores).any(-1) & ~finished
+    bad = torch.isnan(scores).any(-1)
+    if finished is not None:
+        bad &= ~finished
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"grounded_decode_step: the logits of row {row} hold NaN (after the bans): the model's output is not finite"
-        )
+        raise ValueError(f"{what}: the logits of row {row} hold NaN (after the bans): the model's output is not finite")
 
 
 def choose_tokens_ref(scores: torch.Tensor, steps: torch.Tensor, *, do_sample: bool, seed: int) -> torch.Tensor:

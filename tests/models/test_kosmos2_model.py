@@ -451,6 +451,21 @@ def test_beam_search_keeps_the_box_grammar(models):
         mm.generate(pixels, ids, img, mask, max_new_tokens=2, num_beams=2, do_sample=True)
 
 
+@pytest.mark.parametrize("beams", [1, 2])
+def test_non_finite_model_output_is_an_error(models, beams):
+    """A model whose logits are NaN (here a NaN final LayerNorm weight) stops generation with an error naming the
+    row, greedy and beam search alike, instead of emitting whatever token the NaN's index is."""
+    import copy
+
+    mm = copy.deepcopy(models[1])
+    with torch.no_grad():
+        mm.text_model.layer_norm.weight[3] = float("nan")
+    ids, mask, img, pixels = make_batch([9, 6], seed=5)
+    what = "grounded_decode_step" if beams == 1 else r"generate\(num_beams > 1\)"
+    with pytest.raises(ValueError, match=what + ": the logits of row 0 hold NaN"):
+        mm.generate(pixels, ids, img, mask, max_new_tokens=3, num_beams=beams)
+
+
 def test_step_layouts_equal_the_layout_built_afresh():
     from mmcore.models.kosmos2 import generation
 

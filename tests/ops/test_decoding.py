@@ -728,16 +728,19 @@ def test_every_output_element_written(backend, do_sample):
 @pytest.mark.parametrize("do_sample", [False, True])
 @pytest.mark.parametrize("vocab", [V, 1000])
 def test_nan_logits_raise_naming_the_row(backend, do_sample, vocab):
-    """A NaN left after the bans in an unfinished row is an error (at the vectorised scan's blocks and its tail);
-    a NaN on a banned token or in a finished row is not."""
+    """A NaN left after the bans in an unfinished row is an error naming the first such row, raised before any row's
+    state changes (at the vectorised scan's blocks and its tail); a NaN on a banned token or in a finished row is
+    not."""
     ids = torch.randint(8, 12, (4, 6), generator=torch.Generator().manual_seed(3))
     opts = dict(min_new_tokens=1, do_sample=do_sample, top_k=3 if do_sample else 0, backend=backend)
     for where in (9, vocab - 1, 26 if vocab == V else 70):  # words, in the scan's blocks and its tail
         logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(where))
         logits[2, where] = math.nan
+        logits[3, where] = math.nan  # a later row too: the error names row 2
         state = DecodeState.create(ids, 3, TOK, seed=1)
         with pytest.raises(ValueError, match="logits of row 2 hold NaN"):
             grounded_decode_step(logits, state, TOK, **opts)
+        assert_same_state(state, DecodeState.create(ids, 3, TOK, seed=1), "after the error")  # nothing advanced
     logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(8))
     logits[1, TOK.eos] = math.nan  # banned: min_new_tokens
     logits[3, TOK.first_loc] = math.nan  # banned: a location token outside a box

@@ -158,7 +158,9 @@ def _beam_decode(model, last, cache, state, starts, prompts, k, length_penalty, 
             banned |= ~decoding.box_allowed_mask(box_state, top_left, vocab, tokens)
         if step < min_new:
             banned[:, tokens.eos] = True
-        source, chosen = search.step(logp.masked_fill(banned, -torch.inf))
+        scores = logp.masked_fill(banned, -torch.inf)
+        decoding.check_no_nan(scores, None, "generate(num_beams > 1)")
+        source, chosen = search.step(scores)
         if search.done:
             break
         cache.k = cache.k.view(cache.k.shape[0], -1, max_len, *cache.k.shape[2:])[:, source].flatten(1, 2)
