@@ -118,7 +118,14 @@ def _autograd_for(bwd):
                     "fused_linear_cross_entropy ran without gradients (grad mode was off or no input "
                     "required grad when it was called); call it again with gradients enabled"
                 )
-            dh, dw, db = (t * grad for t in ctx.saved_tensors)
+            dh, dw, db = ctx.saved_tensors
+            # NOTE: an upstream gradient of exactly 1 (loss.backward() on a plain sum of losses) returns the saved
+            # gradients as they are instead of scaled copies: the weight's gradient (vocab x width) is the largest
+            # tensor here (66 MB for Kosmos-2's head at width 256). CPU only: reading the value on a GPU would
+            # synchronise the backward; plain tensors only (traced backwards see fake or functional ones).
+            unit = type(grad) is torch.Tensor and grad.device.type == "cpu" and grad.numel() == 1
+            if not (unit and not torch.compiler.is_compiling() and bool(grad == 1)):
+                dh, dw, db = dh * grad, dw * grad, db * grad
         return (dh.to(h_dtype), dw.to(w_dtype), None if b_dtype is None else db.to(b_dtype)) + (None,) * 6
 
     return setup_context, backward

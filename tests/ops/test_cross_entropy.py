@@ -51,6 +51,31 @@ def check_against_reference(backend, n, h, v, reduction, eps, bias, dtype=torch.
 
 
 @pytest.mark.parametrize("backend", CPU)
+@pytest.mark.parametrize("bias", [True, False])
+def test_unit_upstream_gradient_and_repeated_backward(backend, bias):
+    """loss.backward() (upstream gradient exactly 1: the saved gradients are returned unscaled) gives the reference
+    gradients; a second backward through the retained graph gives them again, even after .grad was zeroed in place
+    (the returned gradient is not kept aliased by .grad)."""
+    hidden, weight, b, labels = problem(40, 32, 1037, torch.float32, bias)
+    params = [t for t in (hidden, weight, b) if t is not None]
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias=b, backend=backend, chunk_rows=16)
+    ref = fused_linear_cross_entropy_ref(hidden, weight, labels, bias=b)
+    want = torch.autograd.grad(ref, params)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in params]
+    for p in params:  # were .grad the saved gradient itself, this would zero what the next backward returns
+        p.grad.zero_()
+    loss.backward()
+    for name, w, f, p in zip("hwb", want, first, params, strict=False):
+        torch.testing.assert_close(f, w.to(f.dtype), rtol=1e-4, atol=1e-6, msg=f"d{name}")
+        torch.testing.assert_close(p.grad, f, rtol=0, atol=0, msg=f"d{name} again")
+    (half,) = torch.autograd.grad(
+        fused_linear_cross_entropy(hidden, weight, labels, bias=b, backend=backend, chunk_rows=16) * 0.5, [weight]
+    )
+    torch.testing.assert_close(half, first[1] * 0.5, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("bias", [True, False])
