@@ -20,7 +20,12 @@ fast as a plain reduction does.
 Before timing, every case's C++ result is compared with the float64 reference (max error relative to the largest
 |logit| below 1e-5).
 
-    python benchmarks/bench_decode_logits.py [--quick] [--no-save]
+With ``--device cuda`` only GPU cases run (the CPU ones are the CPU machine's run). The kernels are C++, CPU-only, so on
+CUDA tensors ``decode_logits`` is its ``torch`` backend (``F.linear`` in float32; a bfloat16 weight is upcast, a copy of
+the rows per call); it is timed against ``F.linear`` in the weight's dtype and ``weight.sum`` at D = 2048, batch 1 and
+8, in float32 and bfloat16, the work counted in the weight's own bytes.
+
+    python benchmarks/bench_decode_logits.py [--quick] [--device {cpu,cuda}] [--no-save]
 """
 
 from __future__ import annotations
@@ -40,21 +45,22 @@ THREADS = (1, 2)
 TOKENS = GroundingTokens.kosmos2()
 LOC_ROWS = TOKENS.loc_end - TOKENS.first_loc  # 1,024 location tokens
 RANGE_PLACES = 32
+GPU_WIDTH = 2048  # the released model's head: the GPU cases' only width
 SEED = 0
 
 
-def problem(batch: int, width: int, vocab: int, seed: int = SEED):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, width, generator=g)
-    weight = torch.randn(vocab, width, generator=g).div_(width**0.5)
+def problem(batch: int, width: int, vocab: int, seed: int = SEED, device: str = "cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(batch, width, generator=g, device=device)
+    weight = torch.randn(vocab, width, generator=g, device=device).div_(width**0.5)
     return hidden, weight
 
 
-def check(hidden, weight, rows):
-    out = decode_logits(hidden, weight, rows=rows, backend="cpp")
+def check(hidden, weight, rows, backend="cpp"):
+    out = decode_logits(hidden, weight, rows=rows, backend=backend)
     ref = decode_logits_ref(hidden, weight, rows=rows)
     err = float((out.double() - ref).abs().max() / ref.abs().max())
-    assert err < 1e-5, f"decode_logits (cpp) differs from the float64 reference by {err:.2e} (relative)"
+    assert err < 1e-5, f"decode_logits ({backend or 'dispatched'}) differs from the float64 reference by {err:.2e}"
 
 
 def cycling(fn, arg_sets):
@@ -63,15 +69,16 @@ def cycling(fn, arg_sets):
     return lambda: fn(*next(it))
 
 
-def main(argv=None):
-    args = parse_args(__doc__.split("\n")[0], argv)
+def loc_places(vocab: int) -> list[int]:
+    # (clamped so that the last ranges fit the --quick vocabulary; the full one never needs it)
+    return [min(i * (vocab // RANGE_PLACES), vocab - LOC_ROWS) for i in range(RANGE_PLACES)]
+
+
+def cpu_cases(vocab: int) -> list[Case]:
     if "cpp" not in available_backends("decode_logits", "cpu"):
         raise SystemExit("mmcore._C has no decode_logits kernel: pip install --no-build-isolation -e .")
-    vocab = VOCAB_QUICK if args.quick else VOCAB
-    # (clamped so that the last ranges fit the --quick vocabulary; the full one never needs it)
-    places = [min(i * (vocab // RANGE_PLACES), vocab - LOC_ROWS) for i in range(RANGE_PLACES)]
+    places = loc_places(vocab)
     cases = []
-    torch.set_grad_enabled(False)
     for width in WIDTHS:
         _, weight = problem(1, width, vocab)
         for batch in BATCHES:
@@ -138,15 +145,63 @@ def main(argv=None):
                     ]
                     label = f"V={vocab} rows={rows_name}({work // (width * 4)}) D={width} B={batch} threads={threads}"
                     cases.append(Case(label, "B", "R * D * 4 weight bytes", impls))
+    return cases
+
+
+def gpu_cases(vocab: int, device: str = "cuda") -> list[Case]:
+    """The GPU cases (module docstring). ``device`` is an argument so that this path can be tried on the CPU."""
+    cases = []
+    _, weight32 = problem(1, GPU_WIDTH, vocab, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = weight32.to(dtype)
+        for batch in BATCHES:
+            hidden = problem(batch, GPU_WIDTH, 1, device=device)[0].to(dtype)
+            for rows_name in ("all", "loc"):
+                ranges = [(0, vocab)] if rows_name == "all" else [(p, p + LOC_ROWS) for p in loc_places(vocab)]
+                for rows in ranges:
+                    check(hidden, weight, rows, backend=None)
+                slices = [weight[start:end] for start, end in ranges]
+                n_rows = ranges[0][1] - ranges[0][0]
+                work = n_rows * GPU_WIDTH * weight.element_size()
+                impls = [
+                    Impl(
+                        "decode_logits",
+                        cycling(lambda h, w, r: decode_logits(h, w, rows=r), [(hidden, weight, r) for r in ranges]),
+                        work,
+                        device=device,
+                        note="dispatched: on CUDA the torch backend (float32 product)",
+                    ),
+                    Impl("F.linear", cycling(F.linear, [(hidden, w) for w in slices]), work, peer=True, device=device),
+                    Impl(
+                        "weight.sum",
+                        cycling(torch.sum, [(w,) for w in slices]),
+                        work,
+                        peer=True,
+                        device=device,
+                        note="read-bandwidth reference, not the op",
+                    ),
+                ]
+                dtype_name = str(dtype).replace("torch.", "")
+                label = f"{device} V={vocab} rows={rows_name}({n_rows}) D={GPU_WIDTH} B={batch} {dtype_name}"
+                cases.append(Case(label, "B", f"R * D * {weight.element_size()} weight bytes", impls))
+    return cases
+
+
+def main(argv=None):
+    args = parse_args(__doc__.split("\n")[0], argv)
+    vocab = VOCAB_QUICK if args.quick else VOCAB
+    torch.set_grad_enabled(False)
+    cases = gpu_cases(vocab) if args.device == "cuda" else cpu_cases(vocab)
     results = run_cases(cases, quick=args.quick)
+    widths = [GPU_WIDTH] if args.device == "cuda" else list(WIDTHS)
     report(
         "decode_logits",
         cases,
         results,
-        device="cpu",
+        device=args.device,
         quick=args.quick,
         save=not args.no_save,
-        extra={"vocab": vocab, "widths": list(WIDTHS), "batches": list(BATCHES), "seed": SEED},
+        extra={"vocab": vocab, "widths": widths, "batches": list(BATCHES), "seed": SEED},
     )
 
 

@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-NEG_INF = float("-inf")
+# NOTE: a tl.constexpr: compiled kernels may read module globals only in that form (the interpreter takes any value).
+NEG_INF = tl.constexpr(float("-inf"))
 BLOCK_V_MAX = 2048  # vocabulary chunk: 8 floats per thread at 8 warps; the kernel is L2-bound, not tuned further
 BLOCK_L = 128  # n-gram windows compared per iteration (Kosmos-2 sequences are a few hundred tokens)
 
