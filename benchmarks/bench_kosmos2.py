@@ -19,7 +19,7 @@ Two workloads, each on the CPU (a ~50M-parameter configuration) and, with ``--de
   (bfloat16 autocast) before timing. Work unit: real (non-pad) tokens.
 
 The weights are transformers' random initialisation, copied into mmcore with ``from_hf``. ``--device cuda`` runs the
-GPU cases only (the CPU cases are the CPU run's; together they would not fit gpu_check.sh's 150 s per benchmark). On
+GPU cases only (the CPU cases are the CPU run's; together they would not fit the benchmark's slot in gpu_check.sh). On
 the GPU, each timed call captions one batch (transformers at batch 1: one image) and the time for 1,000 images is
 extrapolated as 1,000 / (images per second); mmcore runs at batch 8, 32 and 64, transformers at 1, 8, 32 and 64, and
 the best of each is compared. GPU training runs under bfloat16 autocast on float32 weights.

@@ -253,8 +253,8 @@ def gpu_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1):
     """The issue's GPU workloads, few enough to fit gpu_check.sh's slot (each FlexAttention case compiles for tens
     of seconds): packed causal decoder attention (16k tokens, segment lengths drawn in [64, 2048]) at head dims 128
     and 64, prefix mode on the same packing, and 16 segments of 1,024 tokens (the forward-efficiency target).
-    ``device``, ``dt``, ``layout_scale`` (segment lengths divided by it): only to try this code path on a machine
-    without a GPU (float32, TRITON_INTERPRET=1, a small layout)."""
+    A generator of cases. ``device``, ``dt``, ``layout_scale`` (segment lengths divided by it): only to try this code
+    path on a machine without a GPU (float32, TRITON_INTERPRET=1, a small layout)."""
     from torch.nn.attention import SDPBackend
 
     lens, prefix = gpu_layout(quick)
@@ -276,21 +276,26 @@ def gpu_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1):
             impls.append(("xformers", xformers_packed, True))
         return impls
 
-    cases = []
-
-    def add(name, *args):  # a case that fails to build is reported and left out; the others still run
+    def build(name, *args):  # a case that fails to build is reported and left out; the others still run
         try:
-            cases.append(packed_case(name, *args))
+            return packed_case(name, *args)
         except Exception as e:  # noqa: BLE001 - any failure: the GPU machine's time is short
             print(f"  FAILED to build {name}: {type(e).__name__}: {e}", flush=True)
+            return None
 
+    # Yielded one at a time, so each case is timed before the next one compiles (a run stopped at its time limit
+    # has printed the timings of the cases before). FlexAttention (a compilation each, forward and backward) runs
+    # where its targets are: causal and prefix at head dim 128.
     tag, dname = f"{len(lens)} segs ({sum(lens)} tok)", str(dt).removeprefix("torch.")
-    for d, mode, bwd in ((128, "causal", False), (128, "causal", True), (64, "causal", True), (128, "prefix", True)):
+    for d, mode, bwd in ((128, "causal", False), (128, "causal", True), (128, "prefix", True), (64, "causal", True)):
         name = f"{device} packed {tag} {mode} H{2048 // d}xD{d} {dname} {'fwd+bwd' if bwd else 'fwd'}"
-        add(name, lens, 2048 // d, d, dt, device, mode, bwd, spec(lens, mode, prefix), prefix)
-    add(f"{device} packed {len(long_lens)}x{long_lens[0]} causal H16xD128 {dname} fwd", long_lens, 16, 128, dt,
-        device, "causal", False, spec(long_lens, "causal", [0] * len(long_lens), flex=False))  # fmt: skip
-    return cases
+        case = build(name, lens, 2048 // d, d, dt, device, mode, bwd, spec(lens, mode, prefix, flex=d == 128), prefix)
+        if case is not None:
+            yield case
+    case = build(f"{device} packed {len(long_lens)}x{long_lens[0]} causal H16xD128 {dname} fwd", long_lens, 16, 128,
+                 dt, device, "causal", False, spec(long_lens, "causal", [0] * len(long_lens), flex=False))  # fmt: skip
+    if case is not None:
+        yield case
 
 
 def gpu_layout(quick):
@@ -434,11 +439,16 @@ def main(argv=None):
     # --device cuda times the GPU cases only: the CPU cases and memory rows are this machine's (a run on the CPU
     # machine), and on the GPU machine they would spend its short, shared time budget (gpu_check.sh)
     if args.device == "cuda":  # pragma: no cover - GPU only
-        cases = gpu_cases(args.quick)
-        cases += dense_cases("cuda", args.quick)
+        cases, results = [], []
+        for case in gpu_cases(args.quick):  # each timed as soon as it is built
+            cases.append(case)
+            results += run_cases([case], quick=args.quick)
+        dense = dense_cases("cuda", args.quick)
+        cases += dense
+        results += run_cases(dense, quick=args.quick)
     else:
         cases = cpu_cases(args.quick) + dense_cases("cpu", args.quick)
-    results = run_cases(cases, quick=args.quick)
+        results = run_cases(cases, quick=args.quick)
     extra = {}
     if args.device == "cpu":
         memory = memory_rows(args.quick)
