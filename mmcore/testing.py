@@ -131,3 +131,30 @@ def cpu_has_flag(flag: str) -> bool:
     """Whether the CPU lists ``flag`` (as in /proc/cpuinfo, e.g. "avx512_vnni"); False where that file is missing."""
     cpuinfo = Path("/proc/cpuinfo")
     return cpuinfo.exists() and flag in cpuinfo.read_text().split()
+
+
+def compile_for_sm90(fn, signature: dict, constexprs: dict, *, divisible_by_16=(), **options):
+    """Compile the ``@triton.jit`` kernel ``fn`` for an H100 (sm_90) without a GPU -- Triton's compiler and ptxas
+    only, nothing runs -- so that what the CPU interpreter accepts and the GPU compiler rejects (a module global that
+    is not a ``tl.constexpr``, dot shapes, types, shared memory) fails on the CPU machine. signature: argument name
+    -> Triton type (``"*fp16"``, ``"i32"``, ...) for the runtime arguments; constexprs: name -> value;
+    divisible_by_16: arguments the JIT would specialise as multiples of 16 (pointers, strides); options: compile
+    options (``num_warps``, ``num_stages``, ``enable_fp_fusion``). Returns the compiled kernel (``.asm``,
+    ``.metadata``). Call it in a process without ``TRITON_INTERPRET`` (``run_without_triton_interpreter``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {**signature, **{c: "constexpr" for c in constexprs}}
+    consts = {(names.index(c),): v for c, v in constexprs.items()}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible_by_16}
+    return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def run_without_triton_interpreter(code: str, env: dict[str, str] | None = None, timeout: float = 300):
+    """Run ``code`` in a fresh Python interpreter with ``TRITON_INTERPRET`` unset (the test session sets it on a
+    machine without a GPU) and ``env`` added; returns the ``subprocess.CompletedProcess`` (text output captured)."""
+    run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=timeout)

@@ -767,10 +767,8 @@ def test_opcheck_triton_op_interpreted():
 
 
 SM90_COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import mmcore.kernels.decoding as kd
+from mmcore.testing import compile_for_sm90
 
 fn = kd._grounded_decode_step_kernel
 sig = {n: "*i64" if n.endswith("_ptr") else "i32" for n in fn.arg_names}
@@ -778,9 +776,9 @@ sig.update(logits_ptr="*bf16", scores_ptr="*fp32", finished_ptr="*i1", temperatu
 # every branch: grammar, n-grams, sampling with top-k and top-p, scores written
 consts = dict(NGRAM=3, CONSTRAIN=True, DO_SAMPLE=True, TOP_K=True, TOP_P=True, WRITE_SCORES=True,
               BLOCK_V=kd.BLOCK_V_MAX, BLOCK_L=kd.BLOCK_L)
-sig.update({c: "constexpr" for c in consts})
-src = ASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+for c in consts:
+    del sig[c]
+k = compile_for_sm90(fn, sig, consts, num_warps=8)
 print(fn.__name__, "shared", k.metadata.shared)
 """
 
@@ -790,13 +788,10 @@ print(fn.__name__, "shared", k.metadata.shared)
 def test_kernel_compiles_for_sm90():
     """The step kernel compiles for sm90 on this GPU-less machine: catches what the interpreter accepts and the GPU
     compiler does not (a module global that is not a tl.constexpr, types, shapes)."""
-    import os
-    import subprocess
-    import sys
+    from mmcore.testing import run_without_triton_interpreter
 
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    run = run_without_triton_interpreter(SM90_COMPILE)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
 
 

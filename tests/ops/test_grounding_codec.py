@@ -251,3 +251,27 @@ def test_compiles_without_graph_breaks():
     boxes = float32_boxes(64, torch.Generator().manual_seed(5))
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(boxes), f(boxes))
+
+
+SM90_COMPILE = r"""
+import mmcore.kernels.grounding as kg
+from mmcore.testing import compile_for_sm90
+
+for unilm in (False, True):
+    compile_for_sm90(kg._boxes_to_loc_indices_kernel, dict(boxes_ptr="*fp64", out_ptr="*i64", n="i32", num_bins="i32"),
+                     dict(UNILM=unilm, BLOCK=kg.BLOCK), enable_fp_fusion=False)
+k = compile_for_sm90(kg._loc_indices_to_boxes_kernel, dict(idx_ptr="*i64", out_ptr="*fp64", n="i32", num_bins="i32"),
+                     dict(BLOCK=kg.BLOCK), enable_fp_fusion=False)
+assert "fma" not in k.asm["ptx"], "a fused multiply-add: the boxes would differ from transformers' in the last bit"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in BACKENDS or torch.cuda.is_available(), reason="Triton absent, or gpu tests run it")
+def test_triton_kernels_compile_for_sm90():
+    """Both codec kernels compile for sm90 on this GPU-less machine, without fused multiply-adds (bit-exactness)."""
+    from mmcore.testing import run_without_triton_interpreter
+
+    pytest.importorskip("triton.backends.nvidia")
+    run = run_without_triton_interpreter(SM90_COMPILE)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]

@@ -286,26 +286,25 @@ def test_schedule_cache():
 
 
 SM90_COMPILE = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 import torch
 import mmcore.kernels.packed_attention as pa
+from mmcore.testing import compile_for_sm90
 
 d = 80
 d0, d1, d2 = pa.head_dim_chunks(d)
 for fn, tiles in [(pa._packed_attention_fwd_kernel, pa._fwd_tiles(d, torch.float16)),
                   (pa._packed_attention_bwd_dkdv_kernel, pa._dkdv_tiles(d, torch.float16)),
                   (pa._packed_attention_bwd_dq_kernel, pa._dq_tiles(d, torch.float16))]:
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
+    sig, aligned = {}, []
+    for n in fn.arg_names:
         if n.endswith("_ptr"):
             sig[n] = "*fp32" if n in ("lse_ptr", "delta_ptr") else "*fp16"
             if n.startswith(("cu_", "prefix", "schedule")):
                 sig[n] = "*i32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            aligned.append(n)
         elif n.startswith("stride_"):
-            sig[n], attrs[(i,)] = "i32", [["tt.divisibility", 16]]
+            sig[n] = "i32"
+            aligned.append(n)
         elif n in ("total_q", "max_seqlen_k"):
             sig[n] = "i32"
         elif n in ("dropout_thr", "seed", "offset"):
@@ -314,32 +313,34 @@ for fn, tiles in [(pa._packed_attention_fwd_kernel, pa._fwd_tiles(d, torch.float
             sig[n] = "fp32"
     consts = dict(GROUP=2, MODE=2, DROPOUT=True, HEAD_DIM=d, D0=d0, D1=d1, D2=d2, BLOCK_M=tiles.BLOCK_M,
                   BLOCK_N=tiles.BLOCK_N, DOT_PRECISION="tf32")
-    sig.update({c: "constexpr" for c in consts})
-    src = ASTSource(fn, sig, {(fn.arg_names.index(c),): v for c, v in consts.items()}, attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
+    k = compile_for_sm90(fn, sig, consts, divisible_by_16=aligned, num_warps=tiles.num_warps,
+                         num_stages=tiles.num_stages)
     ttgir = k.asm["ttgir"]
     print(fn.__name__, "shared", k.metadata.shared, "wgmma", ttgir.count("warp_group_dot"),
           "cp.async", ttgir.count("async_copy_global_to_local"))
     assert k.metadata.shared <= 227 * 1024, "over the H100's shared memory per block"
     assert "warp_group_dot" in ttgir and "async_copy_global_to_local" in ttgir, "no wgmma or no pipelined loads"
+
+# the small kernels: delta = rowsum(dout * out) and the tile counter
+compile_for_sm90(pa._bwd_preprocess_kernel, {n: "*fp16" for n in ("out_ptr", "dout_ptr")} | {"delta_ptr": "*fp32"}
+                 | {n: "i32" for n in ("stride_out_t", "stride_out_h", "stride_dout_t", "stride_dout_h", "total_q")},
+                 dict(HEAD_DIM=d, BLOCK_T=64, BLOCK_D=128), num_warps=4)
+for key_tiles in (False, True):
+    compile_for_sm90(pa._count_tiles_kernel, {n: "*i32" for n in pa._count_tiles_kernel.arg_names[:5]},
+                     dict(MODE=2, KEY_TILES=key_tiles, BLOCK_M=128, BLOCK_N=64))
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="the gpu tests compile and run the kernels")
 def test_kernels_compile_for_sm90():
-    """The real-tile kernels (d = 80 as 64 + 16, prefix mode, dropout) compile for sm90 on this GPU-less machine:
-    catches what the interpreter accepts and the GPU compiler does not (dot shapes, types, shared memory), and
-    checks K/V loads are pipelined into wgmma."""
-    import os
-    import subprocess
-    import sys
+    """The real-tile kernels (d = 80 as 64 + 16, prefix mode, dropout) and the small ones compile for sm90 on this
+    GPU-less machine: catches what the interpreter accepts and the GPU compiler does not (dot shapes, types, shared
+    memory), and checks K/V loads are pipelined into wgmma."""
+    from mmcore.testing import run_without_triton_interpreter
 
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    run = subprocess.run([sys.executable, "-c", SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    run = run_without_triton_interpreter(SM90_COMPILE, {"TRITON_DEFAULT_FP_FUSION": "1"})
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
 
 
