@@ -9,6 +9,7 @@ one table below.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -158,3 +159,30 @@ def run_without_triton_interpreter(code: str, env: dict[str, str] | None = None,
     run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run_env.update(env or {})
     return subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def gpu_dispatch_on_cpu():
+    """Within this context, default dispatch sends CPU tensors where it would send CUDA ones -- the first backend
+    that also runs on CUDA and takes the call (Triton where an op has it, under ``TRITON_INTERPRET=1``; else
+    ``torch``) -- so a model's GPU composition of kernels (a decoding step's cache layout through the Triton
+    attention, the Triton cross-entropy in packed training) runs on a machine without a GPU. CUDA-only backends
+    (flash-attn, xformers) cannot run on CPU tensors and are passed over, as a GPU without them would. A backend
+    forced with ``backend=`` or ``MMCORE_BACKEND`` is still honoured."""
+    from mmcore.ops import _dispatch
+
+    select = _dispatch.Op.select
+
+    def as_if_cuda(self, device_type, dtype, args=(), kwargs=None, backend=None):
+        if device_type != "cpu" or backend is not None or os.environ.get(_dispatch.ENV_VAR):
+            return select(self, device_type, dtype, args, kwargs, backend)
+        for b in self.backends.values():
+            if "cuda" in b.devices and b.why_not("cpu", dtype, args, kwargs or {}) is None:
+                return b
+        return select(self, device_type, dtype, args, kwargs, backend)
+
+    _dispatch.Op.select = as_if_cuda
+    try:
+        yield
+    finally:
+        _dispatch.Op.select = select

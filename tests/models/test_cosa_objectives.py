@@ -336,3 +336,35 @@ def test_concatenated_itm_uses_batch_over_divisor_rows(model, monkeypatch, divis
     with torch.no_grad():
         out = model(pixels(7), ids, mask, concat=2, generator=torch.Generator().manual_seed(0))
     assert seen == want and torch.isfinite(out["itm_concatenated"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests run these kernels themselves")
+def test_gpu_kernels_give_the_same_losses_and_gradients(model):
+    """What a GPU runs, on the CPU: with dispatch choosing as for CUDA tensors (the Triton attention in full, causal
+    and prefix modes, cross-attention with Lq != Lk, and the Triton cross-entropy, interpreted), the pretraining
+    forward at concat 3 gives the CPU path's named losses and gradients."""
+    from mmcore.testing import gpu_dispatch_on_cpu
+
+    pytest.importorskip("triton")
+    ids, mask = captions([6, 9, 4, 5], seed=12)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(pixels(4), ids, mask, concat=3, generator=torch.Generator().manual_seed(2))
+        out["loss"].backward()
+        return {k: v.detach() for k, v in out.items()}, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.train()
+    try:
+        losses, grads = step()
+        with gpu_dispatch_on_cpu():
+            gpu_losses, gpu_grads = step()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    assert list(gpu_losses) == list(losses)
+    for k in losses:
+        torch.testing.assert_close(gpu_losses[k], losses[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    for n, g in grads.items():
+        torch.testing.assert_close(gpu_grads[n], g, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

@@ -476,3 +476,46 @@ def test_step_layouts_equal_the_layout_built_afresh():
         assert torch.equal(got.cu_seqlens_q, want.cu_seqlens_q) and torch.equal(got.cu_seqlens_k, want.cu_seqlens_k)
         assert (got.max_seqlen_q, got.max_seqlen_k) == (want.max_seqlen_q, want.max_seqlen_k)
         assert got.cu_seqlens_k.dtype == torch.int32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the gpu tests run these kernels themselves")
+def test_gpu_kernels_generate_and_train_the_same(models):
+    """What a GPU runs, on the CPU: with dispatch choosing as for CUDA tensors (the Triton kernels, interpreted),
+    batched generation with the box grammar (prefill, cached steps through the Triton attention, the Triton decoding
+    step) makes the CPU path's tokens, and packed training its loss and gradients."""
+    from mmcore.testing import gpu_dispatch_on_cpu
+
+    pytest.importorskip("triton")
+    _, mm = models
+    ids, mask, img, pixels = make_batch([9, 5], seed=11)
+    want = mm.generate(pixels, ids, img, mask, max_new_tokens=6, min_new_tokens=6)
+    cu = torch.tensor([0, 9, 14], dtype=torch.int32)
+    flat, flat_img = ids[mask.bool()], img[mask.bool()]
+    labels = flat.clone()
+    labels[[0, 1, 9, 10]] = -100
+
+    def train():
+        for p in mm.parameters():
+            p.grad = None
+        out = mm.forward_packed(pixels, flat, flat_img, cu, 9, labels=labels)
+        out.loss.backward()
+        return out.loss.detach(), {k: p.grad.clone() for k, p in mm.named_parameters() if p.grad is not None}
+
+    loss, grads = train()
+    mm.text_model.fused_step = False  # the fused decoder step is a CPU op: the module path is the GPU's
+    try:
+        with gpu_dispatch_on_cpu():
+            # the CPU's head shortcuts off, as on a GPU: the whole head through decode_logits' torch backend
+            got = mm.generate(pixels, ids, img, mask, max_new_tokens=6, min_new_tokens=6, narrow_head=False,
+                              screen_head=False)  # fmt: skip
+            gpu_loss, gpu_grads = train()
+    finally:
+        mm.text_model.fused_step = True
+        for p in mm.parameters():
+            p.grad = None
+    assert got.tolist() == want.tolist()
+    torch.testing.assert_close(gpu_loss, loss, rtol=1e-5, atol=1e-6)
+    assert gpu_grads.keys() == grads.keys()
+    for k, g in grads.items():
+        torch.testing.assert_close(gpu_grads[k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
