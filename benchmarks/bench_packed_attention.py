@@ -298,6 +298,73 @@ def gpu_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1):
         yield case
 
 
+# Alternative half-precision tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) timed beside the tables' on a GPU; each
+# compiles for sm_90 within its shared memory at head dims 64 and 128 (checked on the CPU machine with
+# mmcore.testing.compile_for_sm90).
+SWEEP_TILES = {
+    "fwd": [(128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3)],
+    "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)],
+}
+
+
+def tile_sweep_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1, sweep=None):
+    """The Triton kernels on the causal packing at head dim 128 with each alternative tile of ``sweep`` (default
+    SWEEP_TILES) against the tables' tiles (the peer): forward alternatives on the forward, dK/dV and dQ ones on
+    forward + backward. Each alternative's output (and gradients) are compared with the tables' first; a wrong or
+    failing one is reported and left out. For tuning the tables; ``device``, ``dt``, ``layout_scale`` as in
+    gpu_cases."""
+    from mmcore.kernels import packed_attention as pa
+
+    sweep = SWEEP_TILES if sweep is None else sweep
+    lens, _ = gpu_layout(quick)
+    lens = [max(1, n // layout_scale) for n in lens]
+    d, heads, none = 128, 16, [0] * len(lens)
+    q, k, v, cq, ck = layout(lens, lens, heads, heads, d, dt, device)
+    grad = torch.randn_like(q)
+    flop = 4 * d * heads * visible_pairs(lens, lens, "causal", none)
+
+    def run_with(tiles, bwd):
+        def run():
+            with pa.override_tiles(**tiles):
+                if not bwd:
+                    with torch.no_grad():
+                        return mmcore_packed(q, k, v, cq, ck, lens, lens, "causal", none, backend="triton")
+                q.grad = k.grad = v.grad = None
+                out = mmcore_packed(q, k, v, cq, ck, lens, lens, "causal", none, backend="triton")
+                out.backward(grad)
+                return out.detach(), q.grad, k.grad, v.grad
+
+        return run
+
+    cases = []
+    for bwd, kernels in ((False, ("fwd",)), (True, ("dkdv", "dq"))):
+        default = run_with({}, bwd)
+        want = default()
+        want = want if bwd else (want,)
+        tables = ", ".join(f"{n} {tuple(getattr(pa, f'_{n}_tiles')(d, dt).__dict__.values())}" for n in kernels)
+        impls = [Impl(f"tables: {tables}", default, flop * (3.5 if bwd else 1.0), peer=True, device=device)]
+        for name in kernels:
+            for tiles in sweep[name]:
+                label = f"{name} {tiles}"
+                fn = run_with({name: tiles}, bwd)
+                try:
+                    got = fn()
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile or launch is left out
+                    print(f"  tile sweep / {label}: left out ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                    continue
+                got = got if bwd else (got,)
+                err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True))
+                if not err < (5e-2 if dt != torch.float32 else 1e-4):
+                    print(f"  WRONG: tile sweep / {label}: max difference from the tables' result {err:.2e}")
+                    continue
+                impls.append(Impl(label, fn, flop * (3.5 if bwd else 1.0), device=device, note=f"max diff {err:.1e}"))
+        what = "fwd+bwd" if bwd else "fwd"
+        cases.append(Case(f"{device} tile sweep causal H{heads}xD{d} {str(dt)[6:]} {what}", "FLOP",
+                          "4 * D * H * visible pairs" + (" * 3.5 (fwd + 2.5x bwd)" if bwd else ""), impls))  # fmt: skip
+    return cases
+
+
 def gpu_layout(quick):
     """The GPU benchmark's packing: segment lengths drawn in [64, 2048] up to 16k tokens; prefixes a quarter."""
     rng = random.Random(0)
@@ -446,6 +513,12 @@ def main(argv=None):
         dense = dense_cases("cuda", args.quick)
         cases += dense
         results += run_cases(dense, quick=args.quick)
+        try:  # last: alternatives to the tile tables, for tuning them (a failure here loses nothing above)
+            sweep = tile_sweep_cases(args.quick)
+            cases += sweep
+            results += run_cases(sweep, quick=args.quick)
+        except Exception as e:  # noqa: BLE001
+            print(f"tile sweep FAILED: {type(e).__name__}: {e}", flush=True)
     else:
         cases = cpu_cases(args.quick) + dense_cases("cpu", args.quick)
         results = run_cases(cases, quick=args.quick)

@@ -39,6 +39,7 @@ same draw as ``mmcore.ops._philox``), and kept probabilities are scaled by 1 / (
 the mask from the same counters.
 """
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -835,24 +836,48 @@ class _Tiles:
 #  - dQ 128 queries x 32 keys, 8 warps: no spills anywhere (128 x 64 spills with dropout).
 # 8 warps everywhere also means two warpgroups per 128-row tile. Float32 uses ieee dots on CUDA cores (a
 # correctness path): 32 x 32 tiles; 4 warps up to d = 64, 8 above (still 32-412 bytes of spills at d = 128).
-# To be tuned by timing on the GPU (triton.testing.do_bench over these tables); @triton.autotune is left out
-# because it needs a GPU driver to benchmark and the interpreter has none.
+# To be tuned by timing on the GPU: `bench_packed_attention.py --device cuda` ends with a sweep of alternatives
+# (SWEEP_TILES there, swapped in through override_tiles below) timed beside these tables. @triton.autotune is left
+# out: it needs a GPU driver to benchmark, the interpreter has none, and the schedules depend on the block sizes.
 def _fwd_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
         return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
-    return _Tiles(128, 64, 8, 3)
+    return _TILE_OVERRIDES.get("fwd") or _Tiles(128, 64, 8, 3)
 
 
 def _dkdv_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
         return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
-    return _Tiles(32, 128, 8, 2)
+    return _TILE_OVERRIDES.get("dkdv") or _Tiles(32, 128, 8, 2)
 
 
 def _dq_tiles(head_dim: int, dtype: torch.dtype) -> _Tiles:
     if dtype == torch.float32:
         return _Tiles(32, 32, 4 if head_dim <= 64 else 8, 2)
-    return _Tiles(128, 32, 8, 3 if head_dim <= 64 else 2)
+    return _TILE_OVERRIDES.get("dq") or _Tiles(128, 32, 8, 3 if head_dim <= 64 else 2)
+
+
+# Tiles that replace the float16 / bfloat16 tables above, per kernel ("fwd", "dkdv", "dq"), while override_tiles is
+# active: for tuning runs (benchmarks/bench_packed_attention.py times alternatives side by side on a GPU). Empty in
+# normal use.
+_TILE_OVERRIDES: dict[str, _Tiles] = {}
+
+
+@contextlib.contextmanager
+def override_tiles(**tiles: tuple[int, int, int, int]):
+    """Within this context the half-precision kernels named by the keywords (fwd, dkdv, dq) launch with the given
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the tuned tables; for tuning runs only. Not thread-safe:
+    the override is process-wide while active."""
+    unknown = set(tiles) - {"fwd", "dkdv", "dq"}
+    if unknown:
+        raise ValueError(f"override_tiles: unknown kernel(s) {sorted(unknown)}; expected fwd, dkdv, dq")
+    saved = dict(_TILE_OVERRIDES)
+    _TILE_OVERRIDES.update({name: _Tiles(*t) for name, t in tiles.items()})
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDES.clear()
+        _TILE_OVERRIDES.update(saved)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -121,6 +121,25 @@ def test_matches_reference(monkeypatch, mode, layout, dtype):
     check(q, k, v, cq, ck, mq, mk, mode, prefix if mode == "prefix" else None)
 
 
+def test_override_tiles_for_tuning():
+    """override_tiles swaps the half-precision tiles while active (the results still match the reference), leaves
+    float32 alone, restores the tables after, and names an unknown kernel."""
+    default = pa._fwd_tiles(64, torch.float16), pa._dkdv_tiles(64, torch.float16), pa._dq_tiles(64, torch.float16)
+    q, k, v, cq, ck, mq, mk, prefix = make_case("mixed", 2, 1, 64, torch.float16)
+    with pa.override_tiles(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1)):
+        assert pa._fwd_tiles(64, torch.float16) == pa._Tiles(32, 16, 4, 1)
+        assert pa._dkdv_tiles(64, torch.bfloat16) == pa._Tiles(16, 32, 4, 1)
+        assert pa._dq_tiles(64, torch.float32) == pa._Tiles(32, 32, 4, 2)  # float32 keeps its table
+        check(q, k, v, cq, ck, mq, mk, "prefix", prefix)
+    assert (
+        pa._fwd_tiles(64, torch.float16),
+        pa._dkdv_tiles(64, torch.float16),
+        pa._dq_tiles(64, torch.float16),
+    ) == default
+    with pytest.raises(ValueError, match="unknown kernel"), pa.override_tiles(bwd=(16, 16, 4, 1)):
+        pass
+
+
 @pytest.mark.parametrize(
     "d, heads, heads_kv, tiles, mode, layout, dtype",
     [
