@@ -519,3 +519,18 @@ def test_gpu_kernels_generate_and_train_the_same(models):
     assert gpu_grads.keys() == grads.keys()
     for k, g in grads.items():
         torch.testing.assert_close(gpu_grads[k], g, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_head_on_a_gpu_computes_transformers_logits():
+    """With half-precision weights on a GPU the generation head is transformers' product (in the weights' dtype,
+    then float32), not decode_logits' float32 upcast of the whole head; float32 weights keep decode_logits."""
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(500, 64, generator=g).bfloat16()
+    half = generation._head(h, w, None, half_product=True)
+    assert half.dtype == torch.float32 and torch.equal(half, torch.nn.functional.linear(h, w).float())
+    upcast = generation._head(h, w, None, half_product=False)
+    torch.testing.assert_close(upcast, torch.nn.functional.linear(h.float(), w.float()), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(half, upcast)  # the product's bfloat16 rounding
+    h32, w32 = h.float(), w.float()
+    assert torch.equal(generation._head(h32, w32, None, half_product=True), ops.decode_logits(h32, w32))
+    assert generation._head(h, w, (10, 20), half_product=True)[:, :10].isneginf().all()  # rows: decode_logits'
