@@ -61,17 +61,18 @@ def time_fn(
     if torch.device(device).type == "cuda":
         import triton.testing
 
-        fn()  # warm-up: compilation, autotuning, allocator growth (not timed, not used to decide)
-        torch.cuda.synchronize()
-        runs = []
-        while len(runs) < CUDA_LONG_CALL_RUNS:
+        def once() -> float:
             start = time.perf_counter()
             fn()
             torch.cuda.synchronize()
-            runs.append(time.perf_counter() - start)
-            if runs[0] <= CUDA_LONG_CALL_S:  # a short call: do_bench's many timed calls cost little
-                return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
-        return sorted(runs)[len(runs) // 2]
+            return time.perf_counter() - start
+
+        once()  # warm-up: compilation, autotuning, allocator growth (not timed, not used to decide)
+        first = once()
+        if first <= CUDA_LONG_CALL_S:  # a short call: do_bench's many timed calls cost little
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        runs = sorted([first] + [once() for _ in range(CUDA_LONG_CALL_RUNS - 1)])
+        return runs[len(runs) // 2]
     from torch.utils import benchmark
 
     fn()  # warm-up: first-call costs (lazy imports, regex compilation, allocator growth) are not timed

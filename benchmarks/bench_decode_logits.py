@@ -69,6 +69,16 @@ def cycling(fn, arg_sets):
     return lambda: fn(*next(it))
 
 
+def peers(hidden, slices, work, **where) -> list[Impl]:
+    """The peers of every case: ``F.linear`` on each weight slice in turn, and ``weight.sum`` over it (the read
+    bandwidth); ``where``: Impl's ``threads`` or ``device``."""
+    return [
+        Impl("F.linear", cycling(F.linear, [(hidden, w) for w in slices]), work, peer=True, **where),
+        Impl("weight.sum", cycling(torch.sum, [(w,) for w in slices]), work, peer=True,
+             note="read-bandwidth reference, not the op", **where),
+    ]  # fmt: skip
+
+
 def loc_places(vocab: int) -> list[int]:
     # (clamped so that the last ranges fit the --quick vocabulary; the full one never needs it)
     return [min(i * (vocab // RANGE_PLACES), vocab - LOC_ROWS) for i in range(RANGE_PLACES)]
@@ -126,23 +136,7 @@ def cpu_cases(vocab: int) -> list[Case]:
                                 "pass on AVX512-VNNI CPUs); work: the float32 bytes",
                             )
                         )
-                    impls += [
-                        Impl(
-                            "F.linear",
-                            cycling(F.linear, [(hidden, w) for w in slices]),
-                            work,
-                            peer=True,
-                            threads=threads,
-                        ),
-                        Impl(
-                            "weight.sum",
-                            cycling(torch.sum, [(w,) for w in slices]),
-                            work,
-                            peer=True,
-                            threads=threads,
-                            note="read-bandwidth reference, not the op",
-                        ),
-                    ]
+                    impls += peers(hidden, slices, work, threads=threads)
                     label = f"V={vocab} rows={rows_name}({work // (width * 4)}) D={width} B={batch} threads={threads}"
                     cases.append(Case(label, "B", "R * D * 4 weight bytes", impls))
     return cases
@@ -171,15 +165,7 @@ def gpu_cases(vocab: int, device: str = "cuda") -> list[Case]:
                         device=device,
                         note="dispatched: on CUDA the torch backend (float32 product)",
                     ),
-                    Impl("F.linear", cycling(F.linear, [(hidden, w) for w in slices]), work, peer=True, device=device),
-                    Impl(
-                        "weight.sum",
-                        cycling(torch.sum, [(w,) for w in slices]),
-                        work,
-                        peer=True,
-                        device=device,
-                        note="read-bandwidth reference, not the op",
-                    ),
+                    *peers(hidden, slices, work, device=device),
                 ]
                 dtype_name = str(dtype).replace("torch.", "")
                 label = f"{device} V={vocab} rows={rows_name}({n_rows}) D={GPU_WIDTH} B={batch} {dtype_name}"

@@ -175,6 +175,44 @@ def xformers_packed(q, k, v, cq, ck, lens_q, lens_k, mode, prefix):  # pragma: n
 # ------------------------------------------------------------------------------------------------ cases
 
 
+def flop_formula(base: str, bwd: bool) -> str:
+    """How a case's FLOP are counted: ``base`` for the forward, x 3.5 with the backward (2.5x the forward)."""
+    return base + (" * 3.5 (fwd + 2.5x bwd)" if bwd else "")
+
+
+def result_note(what: str, err: float, dtype, device: str, keep_if_wrong: bool) -> str | None:
+    """The note of a row whose output is ``err`` (max abs) from the reference (tolerance 1e-4 in float32, 5e-2 in
+    half precision), or None to leave the row out. On the CPU a wrong result stops the run; on a GPU machine,
+    whose time is short, it is reported: a wrong mmcore row (``keep_if_wrong``) is still timed and marked, a wrong
+    peer or tile candidate left out."""
+    tol = 5e-2 if dtype != torch.float32 else 1e-4
+    if err < tol:
+        return f"max |error| {err:.1e}"
+    if device == "cpu":
+        raise AssertionError(f"{what}: max error {err:.2e}")
+    print(f"  WRONG: {what}: max error {err:.2e} (tolerance {tol:g})", flush=True)
+    return f"WRONG RESULT: max |error| {err:.1e} > {tol:g}" if keep_if_wrong else None
+
+
+def left_out(what: str, e: Exception) -> None:
+    print(f"  {what}: left out ({type(e).__name__}: {str(e).splitlines()[0][:160]})", flush=True)
+
+
+def forward_backward(fn, grad, inputs):
+    """A call of ``fn()``, and when ``grad`` is given its backward from that output gradient (the ``inputs``' .grad
+    cleared first)."""
+
+    def run():
+        out = fn()
+        if grad is not None:
+            for t in inputs:
+                t.grad = None
+            out.backward(grad)
+        return out
+
+    return run
+
+
 def packed_case(name, lens, heads, d, dtype, device, mode, with_backward, impls_spec, prefix=None):
     prefix = prefix or [n // 4 for n in lens]
     pairs = visible_pairs(lens, lens, mode, prefix)
@@ -186,36 +224,20 @@ def packed_case(name, lens, heads, d, dtype, device, mode, with_backward, impls_
         ref = packed_attention_ref(
             q, k, v, cq, ck, mode=mode, prefix_lens=torch.tensor(prefix) if mode == "prefix" else None
         )
+    grad = torch.randn_like(q) if with_backward else None
     impls = []
-    tol = 5e-2 if dtype != torch.float32 else 1e-4
     for label, fn, peer in impls_spec:
         try:
             out = fn(q, k, v, cq, ck, lens, lens, mode, prefix)
         except (RuntimeError, NotImplementedError) as e:  # a forced SDPA backend that does not take this case
-            print(f"  {name} / {label}: left out ({type(e).__name__}: {str(e).splitlines()[0][:160]})", flush=True)
+            left_out(f"{name} / {label}", e)
             continue
         err = (out.detach().double() - ref.double()).abs().max().item()
-        note = f"max |error| {err:.1e}"
-        if not err < tol:
-            # On the CPU a wrong result stops the run; on a GPU machine, whose time is short, it is reported: a
-            # wrong peer is left out, a wrong mmcore row is still timed and marked.
-            if device == "cpu":
-                raise AssertionError(f"{name} / {label}: max error {err:.2e}")
-            print(f"  WRONG: {name} / {label}: max error {err:.2e} (tolerance {tol:g})", flush=True)
-            if peer:
-                continue
-            note = f"WRONG RESULT: max |error| {err:.1e} > {tol:g}"
-
-        def run(fn=fn):
-            out = fn(q, k, v, cq, ck, lens, lens, mode, prefix)
-            if with_backward:
-                q.grad = k.grad = v.grad = None
-                out.backward(grad)
-            return out
-
-        impls.append(Impl(label, run, flop, peer=peer, device=device, note=note))
-    grad = torch.randn_like(q)
-    return Case(name, "FLOP", "4 * D * H * visible pairs" + (" * 3.5 (fwd + 2.5x bwd)" if with_backward else ""), impls)
+        note = result_note(f"{name} / {label}", err, dtype, device, keep_if_wrong=not peer)
+        if note is not None:
+            call = forward_backward(lambda fn=fn: fn(q, k, v, cq, ck, lens, lens, mode, prefix), grad, (q, k, v))
+            impls.append(Impl(label, call, flop, peer=peer, device=device, note=note))
+    return Case(name, "FLOP", flop_formula("4 * D * H * visible pairs", with_backward), impls)
 
 
 def cpu_cases(quick):
@@ -325,15 +347,17 @@ def tile_sweep_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1, sw
     flop = 4 * d * heads * visible_pairs(lens, lens, "causal", none)
 
     def run_with(tiles, bwd):
-        def run():
+        inputs = (q, k, v) if bwd else (q.detach(), k.detach(), v.detach())
+        call = forward_backward(
+            lambda: mmcore_packed(*inputs, cq, ck, lens, lens, "causal", none, backend="triton"),
+            grad if bwd else None,
+            inputs,
+        )
+
+        def run():  # the output, and with the backward the gradients too
             with pa.override_tiles(**tiles):
-                if not bwd:
-                    with torch.no_grad():
-                        return mmcore_packed(q, k, v, cq, ck, lens, lens, "causal", none, backend="triton")
-                q.grad = k.grad = v.grad = None
-                out = mmcore_packed(q, k, v, cq, ck, lens, lens, "causal", none, backend="triton")
-                out.backward(grad)
-                return out.detach(), q.grad, k.grad, v.grad
+                out = call()
+            return (out.detach(), q.grad, k.grad, v.grad) if bwd else (out,)
 
         return run
 
@@ -341,27 +365,24 @@ def tile_sweep_cases(quick, device="cuda", dt=torch.bfloat16, layout_scale=1, sw
     for bwd, kernels in ((False, ("fwd",)), (True, ("dkdv", "dq"))):
         default = run_with({}, bwd)
         want = default()
-        want = want if bwd else (want,)
         tables = ", ".join(f"{n} {tuple(getattr(pa, f'_{n}_tiles')(d, dt).__dict__.values())}" for n in kernels)
         impls = [Impl(f"tables: {tables}", default, flop * (3.5 if bwd else 1.0), peer=True, device=device)]
         for name in kernels:
             for tiles in sweep[name]:
-                label = f"{name} {tiles}"
+                label = f"tile sweep / {name} {tiles}"
                 fn = run_with({name: tiles}, bwd)
                 try:
                     got = fn()
                 except Exception as e:  # noqa: BLE001 - a tile that does not compile or launch is left out
-                    print(f"  tile sweep / {label}: left out ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+                    left_out(label, e)
                     continue
-                got = got if bwd else (got,)
                 err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want, strict=True))
-                if not err < (5e-2 if dt != torch.float32 else 1e-4):
-                    print(f"  WRONG: tile sweep / {label}: max difference from the tables' result {err:.2e}")
-                    continue
-                impls.append(Impl(label, fn, flop * (3.5 if bwd else 1.0), device=device, note=f"max diff {err:.1e}"))
+                note = result_note(f"{label} (against the tables')", err, dt, device, keep_if_wrong=False)
+                if note is not None:
+                    impls.append(Impl(f"{name} {tiles}", fn, flop * (3.5 if bwd else 1.0), device=device, note=note))
         what = "fwd+bwd" if bwd else "fwd"
         cases.append(Case(f"{device} tile sweep causal H{heads}xD{d} {str(dt)[6:]} {what}", "FLOP",
-                          "4 * D * H * visible pairs" + (" * 3.5 (fwd + 2.5x bwd)" if bwd else ""), impls))  # fmt: skip
+                          flop_formula("4 * D * H * visible pairs", bwd), impls))  # fmt: skip
     return cases
 
 
@@ -421,7 +442,6 @@ def dense_cases(device, quick):
     mmcore.ops.attention vs batched SDPA (on a GPU also each of its flash / efficient / cuDNN backends)."""
     images = (256 if device == "cuda" else 8) if not quick else 2
     dt = torch.bfloat16 if device == "cuda" else torch.float32
-    tol = 5e-2 if dt != torch.float32 else 1e-4
     cases = []
     for label, lq, lk, heads, bwd in (
         ("ViT-L/14 patch attention", 257, 257, 16, False),
@@ -432,7 +452,7 @@ def dense_cases(device, quick):
         q = torch.randn(images, lq, heads, 64, generator=g).to(dt).to(device).requires_grad_(bwd)
         k = torch.randn(images, lk, heads, 64, generator=g).to(dt).to(device).requires_grad_(bwd)
         v = torch.randn(images, lk, heads, 64, generator=g).to(dt).to(device).requires_grad_(bwd)
-        grad = torch.randn_like(q)
+        grad = torch.randn_like(q) if bwd else None
         flop = 4 * 64 * heads * lq * lk * images * (3.5 if bwd else 1.0)
 
         def sdpa(q=q, k=k, v=v):
@@ -440,27 +460,13 @@ def dense_cases(device, quick):
                 1, 2
             )
 
-        def timed(fn, q=q, k=k, v=v, grad=grad, bwd=bwd):
-            def run():
-                out = fn()
-                if bwd:
-                    q.grad = k.grad = v.grad = None
-                    out.backward(grad)
-                return out
-
-            return run
-
         with torch.no_grad():
-            ref = sdpa()
-            err = (attention(q, k, v).float() - ref.float()).abs().max().item()
-        if not err < tol:
-            if device == "cpu":
-                raise AssertionError(f"{label}: max error {err:.2e}")
-            print(f"  WRONG: {label} / mmcore attention: max error {err:.2e} (tolerance {tol:g})", flush=True)
+            err = (attention(q, k, v).float() - sdpa().float()).abs().max().item()
+        note = result_note(f"{label} / mmcore attention", err, dt, device, keep_if_wrong=True)
         impls = [
-            Impl("mmcore attention", timed(lambda q=q, k=k, v=v: attention(q, k, v)), flop, device=device,
-                 note=f"max |error| {err:.1e}" + (" WRONG RESULT" if not err < tol else "")),
-            Impl("SDPA (default)", timed(sdpa), flop, peer=True, device=device),
+            Impl("mmcore attention", forward_backward(lambda q=q, k=k, v=v: attention(q, k, v), grad, (q, k, v)), flop,
+                 device=device, note=note),
+            Impl("SDPA (default)", forward_backward(sdpa, grad, (q, k, v)), flop, peer=True, device=device),
         ]  # fmt: skip
         if device == "cuda":  # pragma: no cover - GPU only
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -471,13 +477,14 @@ def dense_cases(device, quick):
                     with sdpa_kernel(b):
                         return sdpa()
 
+                call = forward_backward(forced, grad, (q, k, v))
                 try:
-                    timed(forced)()
+                    call()
                 except RuntimeError:
                     continue
-                impls.append(Impl(f"SDPA {b.name.lower()}", timed(forced), flop, peer=True, device=device))
+                impls.append(Impl(f"SDPA {b.name.lower()}", call, flop, peer=True, device=device))
         direction = "fwd+bwd" if bwd else "fwd"
-        formula = "4 * D * H * Lq * Lk * images" + (" * 3.5 (fwd + 2.5x bwd)" if bwd else "")
+        formula = flop_formula("4 * D * H * Lq * Lk * images", bwd)
         cases.append(Case(f"{device} {label} {images} images {str(dt)[6:]} {direction}", "FLOP", formula, impls))
     return cases
 

@@ -62,11 +62,15 @@ STEP_SECONDS=()
 
 wanted() { [[ -z $STEPS || " $STEPS " == *" $1 "* ]]; }
 
-summary() { # prints the summary table of the steps so far
+failures() { # prints how many recorded steps failed or timed out
   local failed=0 status
   for status in "${STEP_STATUS[@]}"; do
     [[ $status == FAIL* || $status == TIMEOUT* ]] && failed=$((failed + 1))
   done
+  echo "$failed"
+}
+
+summary() { # prints the summary table of the steps so far
   echo "=== gpu_check summary: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git describe --always --dirty 2>/dev/null ||
     echo unknown), $((SECONDS - START_S)) s; logs and tables in $WORK${RESULT_DIR:+ (packed: $RESULT_DIR/gpu_check.tar.gz)}"
   printf '%-28s %8s  %s\n' "step" "seconds" "status"
@@ -74,7 +78,7 @@ summary() { # prints the summary table of the steps so far
   for i in "${!STEP_NAMES[@]}"; do
     printf '%-28s %8s  %s\n' "${STEP_NAMES[$i]}" "${STEP_SECONDS[$i]}" "${STEP_STATUS[$i]}"
   done
-  echo "steps failed or timed out: $failed"
+  echo "steps failed or timed out: $(failures)"
 }
 
 # Copies what exists so far to $OUT (when set): the summary, and the work folder as one archive (written beside,
@@ -222,4 +226,4 @@ done
 echo
 summary | tee "$WORK/summary.txt"
 pack
-[[ $(summary | tail -n 1) == "steps failed or timed out: 0" ]]
+(($(failures) == 0))

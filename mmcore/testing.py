@@ -141,7 +141,7 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, *, divisible_by_16=(
     -> Triton type (``"*fp16"``, ``"i32"``, ...) for the runtime arguments; constexprs: name -> value;
     divisible_by_16: arguments the JIT would specialise as multiples of 16 (pointers, strides); options: compile
     options (``num_warps``, ``num_stages``, ``enable_fp_fusion``). Returns the compiled kernel (``.asm``,
-    ``.metadata``). Call it in a process without ``TRITON_INTERPRET`` (``run_without_triton_interpreter``)."""
+    ``.metadata``). Call it in a process without ``TRITON_INTERPRET`` (``assert_runs_without_triton_interpreter``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -153,12 +153,13 @@ def compile_for_sm90(fn, signature: dict, constexprs: dict, *, divisible_by_16=(
     return triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def run_without_triton_interpreter(code: str, env: dict[str, str] | None = None, timeout: float = 300):
+def assert_runs_without_triton_interpreter(code: str, env: dict[str, str] | None = None, timeout: float = 300):
     """Run ``code`` in a fresh Python interpreter with ``TRITON_INTERPRET`` unset (the test session sets it on a
-    machine without a GPU) and ``env`` added; returns the ``subprocess.CompletedProcess`` (text output captured)."""
+    machine without a GPU) and ``env`` added; an AssertionError with its output when it exits with an error."""
     run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=timeout)
+    run = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
 
 
 @contextlib.contextmanager

@@ -278,8 +278,7 @@ for grad in (False, True):
 def test_triton_kernel_compiles_for_sm90():
     """The row kernel compiles for sm90 on this GPU-less machine (what the interpreter accepts and the GPU compiler
     rejects: module globals that are not tl.constexpr, types)."""
-    from mmcore.testing import run_without_triton_interpreter
+    from mmcore.testing import assert_runs_without_triton_interpreter
 
     pytest.importorskip("triton.backends.nvidia")
-    run = run_without_triton_interpreter(SM90_COMPILE)
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert_runs_without_triton_interpreter(SM90_COMPILE)
