@@ -129,7 +129,7 @@ void packed_attention_bwd_impl(const Params& p) {
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        m[r] = l[r] > acc_t(0) ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
+        m[r] = l[r] != acc_t(0) ? m[r] + std::log(l[r]) : std::numeric_limits<acc_t>::infinity();
       }
     }
   };
@@ -178,7 +178,9 @@ void packed_attention_bwd_impl(const Params& p) {
             } else {
               lse = p.lse_in[h * p.total_q + packed_row + r];
             }
-            if (cnt == 0 || !std::isfinite(lse)) {
+            // lse is +inf only for a row that sees no key; a NaN lse (NaN or infinite inputs) goes through exp and
+            // makes the gradients NaN, as in the reference.
+            if (cnt == 0 || lse == std::numeric_limits<acc_t>::infinity()) {
               std::fill(row, row + n, acc_t(0));
             } else {
               row_ops::exp_sub_sum(row, cnt, lse);

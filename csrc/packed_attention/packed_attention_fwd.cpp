@@ -51,10 +51,11 @@ inline void online_softmax_tile(acc_t* row, int64_t cnt, int64_t n, bool first, 
 }
 
 // A query row's output once every key tile is done: acc / l in the output type and the log-sum-exp m + log l, or
-// zeros and +inf when the row saw no key.
+// zeros and +inf when the row saw no key (l == 0). A NaN or infinite score makes l NaN, and the row NaN as in the
+// reference: `l > 0` would have taken it for a row without keys and written zeros.
 template <typename scalar_t, typename acc_t>
 inline void finish_row(acc_t* acc, acc_t m, acc_t l, int64_t d, scalar_t* dst, float& lse) {
-  if (l > acc_t(0)) {
+  if (l != acc_t(0)) {
     row_ops::scale(acc, d, acc_t(1) / l);
     row_ops::convert(acc, dst, d);
     lse = static_cast<float>(m + std::log(l));

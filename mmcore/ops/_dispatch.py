@@ -28,6 +28,12 @@ class BackendError(RuntimeError):
     """No backend can run a call, or the forced one cannot."""
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An op's argument of the wrong type or dtype. A TypeError as Python has it, and a ValueError too, so that
+    ``except ValueError`` catches every bad argument an op in ``mmcore.ops`` rejects (numpy's AxisError is both a
+    ValueError and an IndexError in the same way)."""
+
+
 def triton_interpret() -> bool:
     """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``), as the tests do."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

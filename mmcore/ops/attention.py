@@ -20,11 +20,12 @@ Backends, in default order: "triton" (kernels/packed_attention.py), the optional
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op, extension_kernel
+from mmcore.ops._dispatch import ArgumentTypeError, Backend, Op, extension_kernel
 from mmcore.ops._philox import dropout_keep_mask
 
 MODES = {"full": 0, "causal": 1, "prefix": 2}
@@ -112,13 +113,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensors(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (total, heads, head_dim), got {tuple(t.shape)}")
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ArgumentTypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
@@ -135,7 +136,7 @@ def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, check_value
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name} must be a 1-D tensor of segments + 1 offsets")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32 (flash-attn's varlen layout), got {cu.dtype}")
+        raise ArgumentTypeError(f"{name} must be int32 (flash-attn's varlen layout), got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{name} must be on {device} with q, k, v, got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
@@ -153,6 +154,13 @@ def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, check_value
         raise ValueError(f"{name} must be non-decreasing: {name}[{s}] = {c[s]} > {name}[{s + 1}] = {c[s + 1]}")
     if lens and max(lens) > max_seqlen:
         raise ValueError(f"{max_name} = {max_seqlen} is below the longest segment ({max(lens)} tokens)")
+
+
+def _as_int(value):
+    """An integer of another type (numpy's int64, say) as a Python int; anything else as given, for the checks."""
+    if not isinstance(value, (int, bool)) and isinstance(value, numbers.Integral):
+        return int(value)
+    return value
 
 
 def _lengths(offsets: list[int]) -> list[int]:
@@ -205,10 +213,12 @@ def check_packed_args(
             raise ValueError("mode='prefix' needs prefix_lens (one length per segment)")
         if not isinstance(prefix_lens, torch.Tensor):
             prefix_lens = torch.as_tensor(prefix_lens, device=q.device)
-        if prefix_lens.dtype not in (torch.int32, torch.int64) or prefix_lens.shape != (cu_seqlens_q.numel() - 1,):
+        if prefix_lens.dtype == torch.bool or prefix_lens.dtype.is_floating_point or prefix_lens.dtype.is_complex:
+            raise ArgumentTypeError(f"prefix_lens must hold integers, got {prefix_lens.dtype}")
+        if prefix_lens.shape != (cu_seqlens_q.numel() - 1,):
             raise ValueError(
-                f"prefix_lens must be an integer tensor of shape ({cu_seqlens_q.numel() - 1},), got "
-                f"{prefix_lens.dtype} {tuple(prefix_lens.shape)}"
+                f"prefix_lens must have shape ({cu_seqlens_q.numel() - 1},) (one length per segment), got "
+                f"{tuple(prefix_lens.shape)}"
             )
         prefix_lens = prefix_lens.to(device=q.device, dtype=torch.int32)
         if check_values:
@@ -649,6 +659,7 @@ def packed_attention(
     since it reads them on the host). Returns out (total_q, heads, head_dim), and with return_lse also the
     log-sum-exp (heads, total_q) float32. Differentiable in q, k, v.
     """
+    max_seqlen_q, max_seqlen_k = _as_int(max_seqlen_q), _as_int(max_seqlen_k)
     mode_code, scale, prefix_lens = check_packed_args(
         q,
         k,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op, extension_kernel
+from mmcore.ops._dispatch import ArgumentTypeError, Backend, Op, extension_kernel
 
 REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -194,7 +194,7 @@ def _check(hidden, weight, labels, bias, ignore_index, label_smoothing, reductio
                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
             )
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden (N, H) and weight (V, H) must share H, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
@@ -202,18 +202,18 @@ def _check(hidden, weight, labels, bias, ignore_index, label_smoothing, reductio
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+        raise ArgumentTypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if not isinstance(labels, torch.Tensor) or labels.shape != (hidden.shape[0],):
         raise ValueError(
             f"labels must have shape ({hidden.shape[0]},), got "
             f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}"
         )
     if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
+        raise ArgumentTypeError(f"labels must be int64, got {labels.dtype}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
         raise ValueError(f"bias must have shape ({weight.shape[0]},)")
     if bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
+        raise ArgumentTypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight, labels) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")

@@ -59,7 +59,7 @@ import torch
 
 from mmcore.grounding.tokens import FIRST_LOC_TOKEN_ID, TAG_TOKENS
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op, extension_kernel
+from mmcore.ops._dispatch import ArgumentTypeError, Backend, Op, extension_kernel
 from mmcore.ops._philox import philox_randint
 
 # Grammar states (the values stored in DecodeState.box_state; the kernels use the same numbers).
@@ -348,15 +348,15 @@ class DecodeState:
         tail (a prompt ending in ``</phrase>`` must continue with ``<object>``).
         """
         if not isinstance(tokens, GroundingTokens):
-            raise TypeError(f"tokens must be a GroundingTokens, got {type(tokens).__name__}")
+            raise ArgumentTypeError(f"tokens must be a GroundingTokens, got {type(tokens).__name__}")
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
+            raise ArgumentTypeError(f"input_ids must be a tensor, got {type(input_ids).__name__}")
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(
                 f"input_ids must have shape (batch, prompt_len) with batch >= 1, got {tuple(input_ids.shape)}"
             )
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+            raise ArgumentTypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         if seed is None:
@@ -713,7 +713,7 @@ def _check_seed(seed) -> int:
 
 def _check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -744,17 +744,17 @@ def grounded_decode_step(
     (transformers' ``output_scores``). backend: force ``"triton"``, ``"cpp"`` or ``"torch"``.
     """
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+        raise ArgumentTypeError(f"logits must be a tensor, got {type(logits).__name__}")
     if not isinstance(state, DecodeState):
-        raise TypeError(f"state must be a DecodeState (DecodeState.create), got {type(state).__name__}")
+        raise ArgumentTypeError(f"state must be a DecodeState (DecodeState.create), got {type(state).__name__}")
     if not isinstance(tokens, GroundingTokens):
-        raise TypeError(f"tokens must be a GroundingTokens, got {type(tokens).__name__}")
+        raise ArgumentTypeError(f"tokens must be a GroundingTokens, got {type(tokens).__name__}")
     if logits.dim() != 2:
         raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}")
     if logits.dtype == torch.float64:
         logits = logits.float()
     if logits.dtype not in _HALF_AND_FLOAT:
-        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+        raise ArgumentTypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     batch, vocab = logits.shape
     if batch != state.batch_size:
         raise ValueError(f"logits has {batch} rows but state has {state.batch_size}")

@@ -23,7 +23,7 @@ import importlib.util
 import torch
 
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op, extension_kernel
+from mmcore.ops._dispatch import ArgumentTypeError, Backend, Op, extension_kernel
 
 ROUNDINGS = ("hf", "unilm")
 MAX_NUM_BINS = 1 << 20  # keeps num_bins**2 and all index arithmetic far inside int64 (as csrc/grounding/codec.cpp)
@@ -211,7 +211,7 @@ def boxes_to_loc_indices(
     if boxes.dim() == 0 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must have shape (..., 4), got {tuple(boxes.shape)}")
     if not boxes.is_floating_point():
-        raise TypeError(f"boxes must be a floating-point tensor of normalised coordinates, got {boxes.dtype}")
+        raise ArgumentTypeError(f"boxes must be a floating-point tensor of normalised coordinates, got {boxes.dtype}")
     if boxes.dtype not in _FLOATS:
         boxes = boxes.to(torch.float64)
     return BOXES_TO_LOC_INDICES(boxes.device.type, boxes.dtype, boxes, num_bins, rounding, backend=backend)
@@ -230,5 +230,5 @@ def loc_indices_to_boxes(indices, num_bins: int = 32, *, backend: str | None = N
     if indices.dim() == 0 or indices.shape[-1] != 2:
         raise ValueError(f"indices must have shape (..., 2), got {tuple(indices.shape)}")
     if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
-        raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
+        raise ArgumentTypeError(f"indices must be an integer tensor, got {indices.dtype}")
     return LOC_INDICES_TO_BOXES(indices.device.type, indices.dtype, indices, num_bins, backend=backend)

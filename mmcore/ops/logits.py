@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcore.ops import _library
-from mmcore.ops._dispatch import Backend, Op, extension_kernel
+from mmcore.ops._dispatch import ArgumentTypeError, Backend, Op, extension_kernel
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -115,20 +115,20 @@ def _check(hidden, weight, bias, rows) -> tuple[int, int]:
                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
             )
         if t.dtype not in _DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden (B, D) and weight (V, D) must share D, got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+        raise ArgumentTypeError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     vocab = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (vocab,):
             got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must have shape ({vocab},), got {got}")
         if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
+            raise ArgumentTypeError(f"bias must share weight's dtype {weight.dtype}, got {bias.dtype}")
     devices = {t.device for t in (hidden, weight) + ((bias,) if bias is not None else ())}
     if len(devices) != 1:
         raise ValueError(f"hidden, weight and bias must be on one device, got {sorted(map(str, devices))}")
@@ -277,7 +277,7 @@ class ScreenedHead:
 
     def __init__(self, weight: torch.Tensor, kind: str | None = None):
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
-            raise TypeError("ScreenedHead needs a (V, D) float32 weight")
+            raise ArgumentTypeError("ScreenedHead needs a (V, D) float32 weight")
         if weight.device.type != "cpu":
             raise ValueError(f"ScreenedHead runs on the CPU (its kernels are C++), got {weight.device}")
         if kind is None:

@@ -3,11 +3,19 @@ gradients, validation, dispatch, custom-op checks and torch.compile."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mmcore.ops import BackendError, attention, available_backends, packed_attention, packed_attention_ref
+from mmcore.ops import (
+    ArgumentTypeError,
+    BackendError,
+    attention,
+    available_backends,
+    packed_attention,
+    packed_attention_ref,
+)
 from mmcore.testing import assert_close_to_ref
 
 CPU_BACKENDS = [b for b in available_backends("packed_attention", "cpu") if b != "triton"]
@@ -69,7 +77,7 @@ def test_forward_matches_reference(backend, mode, layout, dtype):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("d", [32, 80, 128])
+@pytest.mark.parametrize("d", [32, 80, 96, 128])
 @pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
 def test_gradients_match_reference(backend, d, mode):
     lq, lk = [6, 1, 0, 33], [9, 1, 0, 33]
@@ -97,6 +105,31 @@ def test_rows_without_keys_are_zero_and_their_gradients_finite(backend):
     assert torch.isinf(lse[:, :3]).all() and torch.isfinite(lse[:, 3:]).all()
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("mode", ["full", "causal", "prefix"])
+@pytest.mark.parametrize("where", ["q", "k", "k_inf"])
+def test_non_finite_inputs_give_nan_rows_not_zeros(backend, mode, where):
+    # A NaN (or an infinite score) must reach the rows that attend to it, never pass as a row without keys (zeros).
+    # Segment 1 is keys/queries 3..6; the bad entry is query 4 or key 4 of head 1.
+    q, k, v, cq, ck = make([3, 4], [3, 4], 2, 2, 16, torch.float32, requires_grad=False)
+    bad = {"q": (q, float("nan")), "k": (k, float("nan")), "k_inf": (k, float("inf"))}
+    t, value = bad[where]
+    t[4, 1, 0] = value
+    q[:, 1, 0] = q[:, 1, 0].abs() + 0.1  # so that an infinite key makes +inf scores (-inf would just drop the key)
+    prefix = torch.tensor([1, 2], dtype=torch.int32) if mode == "prefix" else None
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = run(backend, q, k, v, cq, ck, mode, prefix)
+    if where == "q":
+        sees_bad = torch.tensor([r == 4 for r in range(7)])
+    else:  # rows of segment 1 whose visible keys include key 4 (local key 1)
+        visible = {"full": lambda i: 4, "causal": lambda i: i + 1, "prefix": lambda i: max(i + 1, 2)}[mode]
+        sees_bad = torch.tensor([r >= 3 and visible(r - 3) > 1 for r in range(7)])
+    assert out[sees_bad, 1].isnan().all(), "rows that see the bad entry must be NaN"
+    assert torch.isfinite(out[~sees_bad]).all() and torch.isfinite(out[:, 0]).all()
+    out.sum().backward()
+    assert q.grad[sees_bad, 1].isnan().any()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -186,6 +219,8 @@ def _call(**over):
             r"prefix_lens\[1\] = 5 is outside \[0, 4\]",
         ),
         (dict(mode="prefix", prefix_lens=torch.tensor([1])), ValueError, r"shape \(2,\)"),
+        (dict(mode="prefix", prefix_lens=torch.tensor([1.0, 2.0])), TypeError, "prefix_lens must hold integers"),
+        (dict(max_seqlen_q=4.0), ValueError, "max_seqlen_q must be a non-negative int"),
         (dict(mode="causal", prefix_lens=torch.tensor([1, 1])), ValueError, "only used with mode='prefix'"),
         (dict(dropout_p=1.0), ValueError, r"dropout_p must be a float in \[0, 1\)"),
         (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite float"),
@@ -194,6 +229,34 @@ def _call(**over):
 def test_validation_names_the_argument(over, error, match):
     with pytest.raises(error, match=match):
         _call(**over)
+
+
+def test_every_bad_argument_is_a_value_error():
+    # dtype errors are ArgumentTypeError: a TypeError as Python has it and a ValueError as the API promises
+    for over in (
+        dict(cu_seqlens_q=torch.tensor([0, 3, 7])),
+        dict(q=torch.randint(0, 3, (7, 4, 32))),
+        dict(q=torch.randn(7, 4, 32, dtype=torch.float64)),
+        dict(mode="prefix", prefix_lens=torch.tensor([1.0, 2.0])),
+    ):
+        with pytest.raises(ValueError) as info:
+            _call(**over)
+        assert isinstance(info.value, (TypeError, ArgumentTypeError))
+
+
+def test_integer_arguments_of_other_types_are_taken():
+    a = _args()
+    tensors = {n: a[n] for n in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")}
+    want = _call(**tensors, mode="prefix", prefix_lens=torch.tensor([1, 2], dtype=torch.int32))
+    got = _call(
+        **tensors,
+        mode="prefix",
+        prefix_lens=torch.tensor([1, 2], dtype=torch.int16),
+        max_seqlen_q=np.int64(4),
+        max_seqlen_k=np.int32(4),
+    )
+    assert torch.equal(got, want)
+    assert torch.equal(_call(**tensors, mode="prefix", prefix_lens=[1, 2]), want)
 
 
 def test_dense_validation():
@@ -226,8 +289,41 @@ def test_opcheck_cpp_forward_and_backward():
     )
 
 
+def _triton_opcheck(device, test_utils):
+    q, k, v, cq, ck = make([3, 0, 5], [4, 0, 5], 2, 1, 32, torch.float32)
+    q, k, v, cq, ck = (t.to(device) for t in (q, k, v, cq, ck))
+    fwd = torch.ops.mmcore.packed_attention_fwd_triton.default
+    for mode, prefix in ((0, None), (1, None), (2, torch.tensor([1, 0, 2], dtype=torch.int32, device=device))):
+        args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, 5, 5, mode, prefix, 0.3, 0.0, 0, 0)
+        torch.library.opcheck(fwd, args, test_utils=test_utils)
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = fwd(q, k, v, cq, ck, 5, 5, 1, None, 0.3, 0.0, 0, 0)
+    torch.library.opcheck(
+        torch.ops.mmcore.packed_attention_bwd_triton.default,
+        (torch.randn_like(out), q, k, v, out, lse, cq, ck, 5, 5, 1, None, 0.3, 0.0, 0, 0),
+        test_utils=test_utils,
+    )
+
+
+@pytest.mark.skipif(
+    "triton" not in available_backends("packed_attention", "cpu"), reason="Triton not installed or not interpreted"
+)
+def test_opcheck_triton_ops_interpreted():
+    # NOTE: test_aot_dispatch_dynamic decomposes a triton_op into its launcher under FunctionalTensorMode; the CPU
+    # interpreter then reads the data of functional tensors and fails. The GPU test below runs it.
+    _triton_opcheck("cpu", ("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_opcheck_triton_ops_cuda():
+    _triton_opcheck(
+        "cuda", ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    )
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="mmcore._C has no packed attention kernel")
-def test_compile_fullgraph_module_forward_and_backward():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_module_forward_and_backward(compiler):
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -241,7 +337,7 @@ def test_compile_fullgraph_module_forward_and_backward():
     x = torch.randn(12, 32)
     c = cu([5, 7])
     eager = torch.autograd.grad(m(x, c, 7), m.qkv.weight)[0]
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(m, fullgraph=True, backend=compiler)
     got = torch.autograd.grad(compiled(x, c, 7), m.qkv.weight)[0]
     assert torch.allclose(got, eager, atol=1e-5)
 

@@ -158,6 +158,16 @@ def test_head_dims_gqa_tiles(monkeypatch, d, heads, heads_kv, tiles, mode, layou
     check(q, k, v, cq, ck, mq, mk, mode, prefix if mode == "prefix" else None)
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_vit_length_among_short_segments(monkeypatch, mode):
+    """A 257-token segment (ViT-L/14 at 224) among segments of 1-3 tokens: 257 = 16 * 16 + 1 leaves a one-row last
+    query tile and a one-column last key tile."""
+    use_tiles(monkeypatch, "32x16")
+    layout = ([2, 257, 1, 3], [2, 257, 1, 3], [1, 128, 0, 3])
+    q, k, v, cq, ck, mq, mk, prefix = make_case(layout, 2, 1, 32, torch.float32)
+    check(q, k, v, cq, ck, mq, mk, mode, prefix if mode == "prefix" else None)
+
+
 def test_real_block_sizes_and_strided_inputs():
     """The H100 block table (fwd 128 x 64, dK/dV 32 x 128, dQ 128 x 32 in float16), strided q/k/v/dout."""
     q, k, v, cq, ck, mq, mk, prefix = make_case(([130, 7], [140, 7], [9, 2]), 2, 1, 64, torch.float16, strided=True)
