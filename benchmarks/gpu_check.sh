@@ -191,6 +191,11 @@ if wanted pytest; then
   "$PYTHON" -c "import xdist" 2>/dev/null && XDIST=(-n 4)
   run_step "pytest -m gpu" 180 "$PYTHON" -m pytest -m gpu -q "${XDIST[@]}" tests
   ((LAST_RC == 5)) && restatus "ok (no gpu tests)"
+  # COSA's timm Swin encoder: timm needs a torchvision that imports beside torch, which the CPU machines and CI
+  # lack (tests/models/test_cosa_swin.py skips there); the GPU image has both.
+  if "$PYTHON" -c "import timm" 2>/dev/null; then
+    run_step "pytest swin (timm)" 60 "$PYTHON" -m pytest -q tests/models/test_cosa_swin.py
+  fi
 fi
 
 # 8. compute-sanitizer over the CUDA kernels' tests, when there are any. The marker must be registered in

@@ -88,6 +88,11 @@ def _worker(rank: int, init_file: str) -> None:
         assert torch.isfinite(out["loss"]) and all(
             p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters()
         )
+
+        # a last batch of unequal size (no drop_last): a clear error on every rank, not an abort inside gloo
+        n = 2 if rank == 0 else 1
+        with pytest.raises(ValueError, match=r"same batch size, got \[2, 1\]"):
+            model(px[local][:n], ids[local][:n], mask[local][:n], concat=3, generator=g)
     finally:
         dist.destroy_process_group()
 

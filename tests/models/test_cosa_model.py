@@ -174,6 +174,75 @@ def test_bad_input(model):
         COSAConfig(concat_tasks=("itc", "vqa"))
 
 
+def test_captions_must_be_framed_and_in_the_vocabulary(model):
+    ids, mask = captions([4, 6], seed=2)
+    unframed = ids.clone()
+    unframed[1, 0] = 10  # no [CLS]: concatenation would drop the first word
+    with pytest.raises(ValueError, match=r"input_ids row 1 must start with \[CLS\]"):
+        model(pixels(2), unframed, mask)
+    unframed = ids.clone()
+    unframed[0, 3] = 11  # the last real token of row 0 is not [SEP]
+    with pytest.raises(ValueError, match=r"input_ids row 0 must end with \[SEP\]"):
+        model(pixels(2), unframed, mask)
+    for bad in (-1, model.config.text.vocab_size):
+        out_of_vocab = ids.clone()
+        out_of_vocab[1, 2] = bad
+        with pytest.raises(ValueError, match=f"token id {bad}, outside the vocabulary"):
+            model(pixels(2), out_of_vocab, mask)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.encode_text(out_of_vocab, mask)
+    with pytest.raises(ValueError, match="no caption"):
+        model(pixels(0), ids[:0], mask[:0])
+
+
+def test_itm_needs_two_samples(model):
+    # a batch of one has no negative to draw: (text, video) would be labelled both 1 and 0
+    ids, mask = captions([5], seed=3)
+    with pytest.raises(ValueError, match="only one sample"):
+        model(pixels(1), ids, mask, concat=1)
+    one_without_itm = cosa_from_hf(
+        *_bert_and_clip_for_tasks(), origin_tasks=("itc", "mlm"), concat_tasks=("itc", "mlm", "cap")
+    )
+    out = one_without_itm(pixels(1), ids, mask, concat=4)
+    assert torch.isfinite(out["loss"]) and not any("itm" in k for k in out)
+
+
+def _bert_and_clip_for_tasks():
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(bert_config(is_decoder=True, add_cross_attention=True)).eval(), clip_model()
+
+
+def test_lengths_are_checked_up_front(model):
+    with pytest.raises(ValueError, match="max_concat_tokens .* exceeds .* max_position_embeddings"):
+        COSAConfig(text=dict(max_position_embeddings=64), max_concat_tokens=100)
+    limit = model.config.text.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_new_tokens = {limit} makes captions of {limit + 2} positions"):
+        model.generate_captions(pixels(1), max_new_tokens=limit)
+    assert model.generate_captions(pixels(1), max_new_tokens=limit - 2, mode="masked").shape[1] <= limit - 1
+
+
+def test_caption_modes_are_checked(model):
+    ids, mask = captions([4, 6], seed=2)
+    text = pack_padded(ids, mask)
+    feats = model.encode_vision(pixels(2))
+    for call in (
+        lambda: model.caption_loss(text, feats, mode="greedy"),
+        lambda: model.generate_captions(features=feats, mode="nonsense"),
+    ):
+        with pytest.raises(ValueError, match="caption mode must be one of"):
+            call()
+
+
+def test_qa_arguments_are_named(model):
+    q_ids, q_mask = captions([5, 3], seed=8)
+    a_ids, a_mask = captions([3, 2], seed=9)
+    with pytest.raises(ValueError, match="answer_ids has 1 rows but question_ids has 2"):
+        model.qa_loss(pixels(2), q_ids, q_mask, a_ids[:1], a_mask[:1])
+    a_mask[1] = 0
+    with pytest.raises(ValueError, match="answer_mask row 1 is empty"):
+        model.qa_loss(pixels(2), q_ids, q_mask, a_ids, a_mask)
+
+
 def test_swin_without_timm_says_so():
     try:
         import timm  # noqa: F401

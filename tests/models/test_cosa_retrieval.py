@@ -30,6 +30,34 @@ def test_rank_metrics_by_hand():
     assert m == {"R@1": 50.0, "R@5": 100.0, "R@10": 100.0, "median_rank": 2.0, "mean_rank": 2.25}
     with pytest.raises(ValueError):
         rank_metrics(scores, torch.zeros(4, 4, dtype=torch.bool))
+    nan = scores.clone()
+    nan[1, 0] = float("nan")  # compares False with everything: it would rank the positive first
+    with pytest.raises(ValueError, match=r"scores\[1, 0\] is nan"):
+        rank_metrics(nan, pos)
+    with pytest.raises(ValueError, match="positives must be a bool tensor"):
+        rank_metrics(scores, pos.long())
+    with pytest.raises(ValueError, match="no query row"):
+        rank_metrics(scores[:0], pos[:0])
+
+
+def test_evaluate_retrieval_arguments_are_named(data):
+    model, ids, mask, feats = data
+    for video_of_text, match in (
+        ([0, 1, 2, 3, 4, 9], r"video_of_text\[5\] = 9 is not a video index in \[0, 6\)"),
+        ([0, 1, 2, 3, 4, -1], r"video_of_text\[5\] = -1"),
+        ([0, 1, 2], r"video_of_text must be \(6,\) integers"),
+        ([0, 1, 2, 3, 4, 4], "video 5 has no caption"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            evaluate_retrieval(model, ids, mask, features=feats, video_of_text=video_of_text)
+    listed = evaluate_retrieval(model, ids, mask, features=feats, video_of_text=[0, 1, 2, 3, 4, 5], rerank_k=0)
+    assert listed == evaluate_retrieval(model, ids, mask, features=feats, rerank_k=0)
+    with pytest.raises(ValueError, match="rerank_k must be an int"):
+        evaluate_retrieval(model, ids, mask, features=feats, rerank_k=2.5)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        evaluate_retrieval(model, ids, mask, features=feats, batch_size=0)
+    with pytest.raises(ValueError, match=r"features must be \(videos, frames, tokens, dim\)"):
+        evaluate_retrieval(model, ids, mask, features=feats[:, 0])
 
 
 @pytest.fixture(scope="module")

@@ -94,19 +94,25 @@ class PackedText:
 
 
 def pack_padded(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, keep_padding: bool | None = None
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    keep_padding: bool | None = None,
+    names: tuple[str, str] = ("input_ids", "attention_mask"),
 ) -> PackedText:
     """Right-padded (batch, seq) ids and 0/1 mask -> PackedText: the padding dropped (the eager layout), or kept in the
     fixed-shape layout (``PackedText.valid_lengths``) with ``keep_padding=True``; the default keeps it exactly when
-    ``torch.compile`` is tracing, whose graphs then need no data-dependent shape."""
+    ``torch.compile`` is tracing, whose graphs then need no data-dependent shape. names: the caller's names of the two
+    arguments, for the error messages."""
+    ids_name, mask_name = names
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a (batch, seq) tensor")
+        raise ValueError(f"{ids_name} must be a (batch, seq) tensor")
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+        raise TypeError(f"{ids_name} must be integers, got {input_ids.dtype}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have shape {tuple(input_ids.shape)} like input_ids")
+        raise ValueError(f"{mask_name} must have shape {tuple(input_ids.shape)} like {ids_name}")
     compiling = torch.compiler.is_compiling()
     keep_padding = compiling if keep_padding is None else keep_padding
     keep = attention_mask.bool()
@@ -114,9 +120,9 @@ def pack_padded(
     if attention_mask.device.type == "cpu" and not compiling:
         prefix = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
         if not torch.equal(prefix, keep) or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-            raise ValueError("attention_mask must be 0/1 with each row's ones first (right padding)")
+            raise ValueError(f"{mask_name} must be 0/1 with each row's ones first (right padding)")
         if bool((lengths == 0).any()):
-            raise ValueError(f"attention_mask row {int((lengths == 0).nonzero()[0, 0])} is empty")
+            raise ValueError(f"{mask_name} row {int((lengths == 0).nonzero()[0, 0])} is empty")
     if keep_padding:
         return PackedText.from_rows(input_ids.long(), lengths)
     return PackedText.from_lengths(input_ids[keep].long(), lengths)
@@ -160,6 +166,22 @@ def select_segments(text: PackedText, index: torch.Tensor) -> PackedText:
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def check_same_batch_on_every_rank(batch: int, device: torch.device | str = "cpu") -> None:
+    """Raise ValueError on every rank at once when the ranks' batch sizes differ: the gathers below need equal sizes
+    (unequal ones abort gloo and can hang NCCL), and a last batch without ``drop_last`` is the usual cause. One
+    all_gather of an int and a host read; nothing without an initialised process group or while compiling."""
+    if not distributed() or torch.compiler.is_compiling():
+        return
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([batch], dtype=torch.int64, device=device))
+    sizes = [int(t) for t in sizes]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"every rank must pass the same batch size, got {sizes} (rank order): use a DataLoader with "
+            f"drop_last=True and a DistributedSampler"
+        )
 
 
 def gather_batch(x: torch.Tensor, *, with_grad: bool = False) -> tuple[torch.Tensor, int]:

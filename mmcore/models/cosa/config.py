@@ -241,6 +241,11 @@ class COSAConfig:
                 f"COSAConfig.max_concat_tokens must leave room for [CLS], [SEP] and a token, got "
                 f"{self.max_concat_tokens}"
             )
+        if self.max_concat_tokens > self.text.max_position_embeddings:
+            raise ValueError(
+                f"COSAConfig.max_concat_tokens ({self.max_concat_tokens}) exceeds the text encoder's "
+                f"max_position_embeddings ({self.text.max_position_embeddings}): a paragraph that long has no positions"
+            )
 
     @property
     def vision_dim(self) -> int:

@@ -22,6 +22,7 @@ from torch import nn
 from mmcore import ops
 from mmcore.models.cosa.concat import (
     PackedText,
+    check_same_batch_on_every_rank,
     concatenate,
     gather_batch,
     gather_packed,
@@ -30,7 +31,7 @@ from mmcore.models.cosa.concat import (
     token_positions,
     unpack,
 )
-from mmcore.models.cosa.config import COSAConfig, COSATextConfig, TimmSwinConfig
+from mmcore.models.cosa.config import CAPTION_MODES, COSAConfig, COSATextConfig, TimmSwinConfig
 from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
 from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
 from mmcore.models.layers.beam import BeamSearch, check_num_beams
@@ -296,7 +297,34 @@ class COSAModel(nn.Module):
         """Text only (no cross-attention), bidirectional: right-padded (batch, seq) ids -> (batch, seq, D) last hidden
         states, zeros at the padding."""
         text = pack_padded(input_ids, attention_mask)
+        self.check_captions(text, cls=False, sep=False)
         return unpack(self.text_model(text), text, input_ids.shape[1])
+
+    def check_captions(self, text: PackedText, *, cls: bool = True, sep: bool = True, name: str = "input_ids") -> None:
+        """Every caption must be ``[CLS] ... [SEP]`` (concatenation keeps each caption's body between them, and ITC
+        pools the first token; ``cls`` / ``sep`` False skip either) with ids inside the vocabulary. A host read;
+        skipped while torch.compile traces."""
+        if torch.compiler.is_compiling() or len(text) == 0:
+            return
+        t = self.config.text
+        ids = text.input_ids[text.real()] if text.padded else text.input_ids
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= t.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {t.vocab_size})")
+        ends = []
+        if cls:
+            ends.append(("start", "[CLS]", text.input_ids[text.first], t.cls_token_id))
+        if sep:
+            ends.append(("end", "[SEP]", text.input_ids[text.first + text.lengths - 1], t.sep_token_id))
+        for where, token, got, want in ends:
+            wrong = (got != want).nonzero()
+            if wrong.numel():
+                r = int(wrong[0, 0])
+                raise ValueError(
+                    f"{name} row {r} must {where} with {token} (id {want}), got id {int(got[r])}: tokenise with the "
+                    f"tokenizer's special tokens (COSA joins the captions' bodies between [CLS] and [SEP])"
+                )
 
     def text_features(self, text: PackedText) -> torch.Tensor:
         """(segments, contra_dim) L2-normalised ITC features from the [CLS] states of a text-only pass."""
@@ -350,6 +378,12 @@ class COSAModel(nn.Module):
         """Matching on 3 x batch pairs: (text, its video) label 1; (text, hard-negative video) and (hard-negative
         text, video) label 0. Negatives come from the global batch, drawn from the softmax similarities. rows: only
         the first ``rows`` samples make pairs (negatives are still drawn for all, as the original's ``cret``)."""
+        if sim_t2v.shape[1] < 2:
+            raise ValueError(
+                "ITM draws its hard negatives from the other samples of the (global) batch, and this batch has only "
+                "one sample: use batches of at least 2 (a DataLoader with drop_last=True), or leave 'itm' out of "
+                "COSAConfig.origin_tasks / concat_tasks"
+            )
         neg_video = sample_hard_negatives(sim_t2v, targets, generator)
         neg_text = sample_hard_negatives(sim_v2t, targets, generator)
         all_text, _ = gather_packed(text)
@@ -374,7 +408,7 @@ class COSAModel(nn.Module):
     def caption_loss(self, text: PackedText, features: torch.Tensor, generator=None, mode=None) -> torch.Tensor:
         """Causal captioning with cross-attention. "masked" (the official): 60% of the tokens masked, predicted at
         the same positions; "next_token": unmasked input, token i predicts token i + 1 within its caption."""
-        mode = mode or self.config.caption_mode
+        mode = _caption_mode(mode or self.config.caption_mode)
         if mode == "masked":
             ids, labels = self._mask(text, self.config.caption_probability, generator=generator)
         else:
@@ -390,8 +424,12 @@ class COSAModel(nn.Module):
         of the answer tokens masked and predicted."""
         if features is None:
             features = self.encode_vision(pixel_values)
-        question = pack_padded(question_ids, question_mask, keep_padding=False)
-        answer = pack_padded(answer_ids, answer_mask, keep_padding=False)
+        question = pack_padded(question_ids, question_mask, keep_padding=False, names=("question_ids", "question_mask"))
+        answer = pack_padded(answer_ids, answer_mask, keep_padding=False, names=("answer_ids", "answer_mask"))
+        if len(answer) != len(question):
+            raise ValueError(f"answer_ids has {len(answer)} rows but question_ids has {len(question)}")
+        self.check_captions(question, sep=False, name="question_ids")
+        self.check_captions(answer, cls=False, sep=False, name="answer_ids")
         ids = torch.cat([question_ids, answer_ids], 1)[torch.cat([question_mask, answer_mask], 1).bool()].long()
         text = PackedText.from_lengths(ids, question.lengths + answer.lengths)
         is_answer = torch.arange(ids.numel(), device=ids.device) >= (
@@ -435,6 +473,10 @@ class COSAModel(nn.Module):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"concat must be a positive int, got {k!r}")
         text = pack_padded(input_ids, attention_mask)
+        if len(text) == 0:
+            raise ValueError("input_ids holds no caption (an empty batch)")
+        self.check_captions(text)
+        check_same_batch_on_every_rank(len(text), self.contra_temp.device)
         features = self.encode_vision(pixel_values)
         if features.shape[0] != len(text):
             raise ValueError(f"pixel_values has {features.shape[0]} samples but input_ids has {len(text)} captions")
@@ -478,9 +520,15 @@ class COSAModel(nn.Module):
         check_num_beams(num_beams)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        mode = _caption_mode(mode or self.config.caption_mode)
+        longest = 1 + max_new_tokens + (mode == "masked")  # [CLS], the new tokens, the [MASK] predicted from
+        if longest > self.config.text.max_position_embeddings:
+            raise ValueError(
+                f"max_new_tokens = {max_new_tokens} makes captions of {longest} positions in {mode!r} mode, more than "
+                f"the text encoder's max_position_embeddings ({self.config.text.max_position_embeddings})"
+            )
         if features is None:
             features = self.encode_vision(pixel_values)
-        mode = mode or self.config.caption_mode
         if num_beams > 1:
             return self._beam_captions(features, max_new_tokens, mode, num_beams, float(length_penalty))
         t = self.config.text
@@ -515,6 +563,12 @@ class COSAModel(nn.Module):
         while not search.done:
             search.step(torch.log_softmax(self._next_logits(search.sequences, feats, mode).float(), -1))
         return search.best()
+
+
+def _caption_mode(mode) -> str:
+    if mode not in CAPTION_MODES:
+        raise ValueError(f"caption mode must be one of {CAPTION_MODES}, got {mode!r}")
+    return mode
 
 
 def next_token_labels(text: PackedText) -> torch.Tensor:

@@ -13,8 +13,17 @@ def rank_metrics(scores: torch.Tensor, positives: torch.Tensor) -> dict:
     """scores (queries, candidates), higher first; positives (queries, candidates) bool, at least one per query.
     A query's rank is that of its best-ranked positive (1 = first; ties count against it). Returns R@1/5/10 in
     percent, the median and the mean rank."""
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or not scores.is_floating_point():
+        raise ValueError(f"scores must be a (queries, candidates) float tensor, got {_describe(scores)}")
+    if not isinstance(positives, torch.Tensor) or positives.dtype != torch.bool:
+        raise ValueError(f"positives must be a bool tensor, got {_describe(positives)}")
     if scores.shape != positives.shape or not bool(positives.any(1).all()):
         raise ValueError("positives must match scores in shape and hold at least one True per row")
+    if scores.shape[0] == 0:
+        raise ValueError("scores has no query row")
+    if not bool(torch.isfinite(scores).all()):
+        bad = (~torch.isfinite(scores)).nonzero()[0].tolist()
+        raise ValueError(f"scores[{bad[0]}, {bad[1]}] is {float(scores[bad[0], bad[1]])}: every score must be finite")
     best = scores.masked_fill(~positives, float("-inf")).amax(1, keepdim=True)
     ranks = (scores > best).sum(1) + 1 + ((scores == best) & ~positives).sum(1)
     ranks = ranks.double()
@@ -25,6 +34,10 @@ def rank_metrics(scores: torch.Tensor, positives: torch.Tensor) -> dict:
         "median_rank": float(ranks.quantile(0.5)),  # numpy's median: the mean of the middle two
         "mean_rank": float(ranks.mean()),
     }
+
+
+def _describe(x) -> str:
+    return f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 @torch.no_grad()
@@ -68,13 +81,25 @@ def evaluate_retrieval(
     (texts,) maps each caption to its video (default: caption i describes video i). Returns {"itc": {"t2v": metrics,
     "v2t": metrics}, "itm": {...}} (``rank_metrics``); "itm" only when rerank_k > 0. return_scores: also
     ``"scores"``: {"itc": (texts, videos) similarities, "itm": the same with each text's top k re-ranked}."""
+    for name, value in (("rerank_k", rerank_k), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if features is None:
         features = model.encode_vision(pixel_values)
+    elif not isinstance(features, torch.Tensor) or features.dim() != 4:
+        raise ValueError(
+            f"features must be (videos, frames, tokens, dim) as encode_vision returns them, got {_describe(features)}"
+        )
     text = pack_padded(input_ids, attention_mask)
+    videos = features.shape[0]
     if video_of_text is None:
-        if len(text) != features.shape[0]:
-            raise ValueError(f"{len(text)} captions for {features.shape[0]} videos: pass video_of_text")
+        if len(text) != videos:
+            raise ValueError(f"{len(text)} captions for {videos} videos: pass video_of_text")
         video_of_text = torch.arange(len(text), device=features.device)
+    else:
+        video_of_text = _check_video_of_text(video_of_text, len(text), videos).to(features.device)
     sim = model.text_features(text) @ model.video_features(features).t()  # (texts, videos)
     pos = video_of_text[:, None] == torch.arange(features.shape[0], device=sim.device)[None, :]
     out = {"itc": {"t2v": rank_metrics(sim, pos), "v2t": rank_metrics(sim.t(), pos.t())}}
@@ -87,3 +112,24 @@ def evaluate_retrieval(
     if return_scores:
         out["scores"] = scores
     return out
+
+
+def _check_video_of_text(video_of_text, texts: int, videos: int) -> torch.Tensor:
+    """(texts,) int64 video indices, each video described by at least one text."""
+    if not isinstance(video_of_text, torch.Tensor):
+        video_of_text = torch.as_tensor(video_of_text)
+    if video_of_text.shape != (texts,) or video_of_text.is_floating_point() or video_of_text.dtype == torch.bool:
+        raise ValueError(
+            f"video_of_text must be ({texts},) integers (one video per caption), got {_describe(video_of_text)}"
+        )
+    out_of_range = ((video_of_text < 0) | (video_of_text >= videos)).nonzero()
+    if out_of_range.numel():
+        i = int(out_of_range[0, 0])
+        raise ValueError(f"video_of_text[{i}] = {int(video_of_text[i])} is not a video index in [0, {videos})")
+    described = torch.zeros(videos, dtype=torch.bool, device=video_of_text.device)
+    described[video_of_text] = True
+    if not bool(described.all()):
+        raise ValueError(
+            f"video {int((~described).nonzero()[0, 0])} has no caption in video_of_text (v2t would have no positive)"
+        )
+    return video_of_text.long()
