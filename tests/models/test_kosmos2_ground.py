@@ -75,6 +75,65 @@ def test_errors(checkpoint, tmp_path, capsys):
     assert "holds no image files" in capsys.readouterr().err
 
 
+def test_unreadable_images_and_bad_arguments(checkpoint, tmp_path, capsys):
+    ground = ["ground", "--checkpoint", str(checkpoint), "--max-new-tokens", "4"]
+    fake = tmp_path / "fake.png"
+    fake.write_text("not an image")
+    assert cli.main([*ground, "--image", str(fake)]) == 2
+    assert f"{fake} is not an image PIL can read" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_text("not an image")
+    assert cli.main([*ground, "--image", str(bad), "--out", str(tmp_path / "bad_out")]) == 2
+    assert "none of the 1 images could be read" in capsys.readouterr().err
+    # some readable: they are written, the others named, exit status 1
+    _image(bad / "y.png", (10, 20, 30))
+    assert cli.main([*ground, "--image", str(bad), "--out", str(tmp_path / "some_out")]) == 1
+    assert "1 of 2 images could not be read" in capsys.readouterr().err
+    assert len((tmp_path / "some_out" / "results.jsonl").read_text().splitlines()) == 1
+    # arguments checked before the model loads
+    img = _image(tmp_path / "ok.png", (30, 200, 30))
+    assert cli.main([*ground, "--image", str(img), "--out", str(tmp_path / "noext")]) == 2
+    assert "give an image file name PIL can write" in capsys.readouterr().err
+    assert cli.main([*ground, "--image", str(bad), "--out", str(img)]) == 2
+    assert "is a file; for a folder of images give an output folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main([*ground, "--image", str(img), "--device", "cuda"]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+    assert cli.main([*ground, "--image", str(img), "--device", "gpu0"]) == 2
+    assert "is not a device" in capsys.readouterr().err
+    missing = ["ground", "--checkpoint", str(tmp_path / "no_checkpoint"), "--image", str(img)]
+    assert cli.main(missing) == 2
+    assert "no Kosmos-2 checkpoint folder at" in capsys.readouterr().err
+
+
+def test_same_stem_images_keep_their_own_annotations(checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "a.png", (200, 30, 30))
+    _image(folder / "a.jpg", (30, 200, 30))
+    _image(folder / "b.png", (30, 30, 200))
+    out = tmp_path / "out"
+    argv = ["ground", "--checkpoint", str(checkpoint), "--image", str(folder), "--out", str(out)]
+    assert cli.main([*argv, "--max-new-tokens", "4"]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["annotated"] for r in rows] == ["a_jpg.png", "a_png.png", "b.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["a_jpg.png", "a_png.png", "b.png"]
+
+
+def test_grounding_leaves_the_tokenizer_padding_side(checkpoint, tmp_path):
+    from mmcore.models.kosmos2.ground import ground_images
+
+    model = Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype="float32")
+    processor = Kosmos2Processor.from_pretrained(checkpoint)
+    processor.tokenizer.padding_side = "right"
+    img = _image(tmp_path / "c.png", (1, 2, 3))
+    assert len(list(ground_images(model, processor, [img], max_new_tokens=3, progress=False))) == 1
+    assert processor.tokenizer.padding_side == "right"
+    with pytest.raises(ValueError, match="names no torch dtype"):
+        Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype="half_float")
+
+
 def test_beam_search_from_the_command_line(checkpoint, tmp_path, capsys):
     img = _image(tmp_path / "green.png", (30, 200, 30))
     argv = ["ground", "--checkpoint", str(checkpoint), "--image", str(img), "--max-new-tokens", "8"]

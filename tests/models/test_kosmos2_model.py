@@ -354,6 +354,46 @@ def test_bad_input(models):
         mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=img[:, :3], attention_mask=mask)
 
 
+def test_token_ids_outside_the_vocabulary(models):
+    _, mm = models
+    ids, mask, img, pixels = make_batch([8, 6], seed=10)
+    vocab = mm.config.text.vocab_size
+    for bad in (-3, vocab):
+        wrong = ids.clone()
+        wrong[0, -1] = bad
+        with pytest.raises(ValueError, match=f"input_ids holds token id {bad}, outside the vocabulary"):
+            mm(pixel_values=pixels, input_ids=wrong, image_embeds_position_mask=img, attention_mask=mask)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            mm.generate(pixels, wrong, img, mask, max_new_tokens=2)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            keep = mask.bool()
+            cu = torch.tensor([0, int(keep[0].sum()), int(keep.sum())], dtype=torch.int32)
+            mm.forward_packed(pixels, wrong[keep], img[keep], cu, 8)
+
+
+def test_image_slots_are_counted_per_row(models):
+    # the right total (2 images x 3 latents) spread 4 + 2 over the rows: row 0's fourth slot would take row 1's
+    # first latent
+    _, mm = models
+    ids, mask, img, pixels = make_batch([8, 6], seed=10)
+    uneven = img.clone()
+    uneven[1, uneven[1].nonzero()[0, 0]] = 0
+    uneven[0, uneven[0].nonzero()[-1, 0] + 1] = 1
+    assert uneven.sum(1).tolist() == [LATENTS + 1, LATENTS - 1]
+    match = f"marks {LATENTS + 1} slots in row 0: .* one image's {LATENTS} slots or none"
+    with pytest.raises(ValueError, match=match):
+        mm(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=uneven, attention_mask=mask)
+    with pytest.raises(ValueError, match=match):
+        mm.generate(pixels, ids, uneven, mask, max_new_tokens=2)
+    # packed: one sample's slots split over two segments
+    keep = mask.bool()
+    flat, flat_img = ids[keep], img[keep]
+    first = int(flat_img.nonzero()[0, 0])
+    cu = torch.tensor([0, first + 1, flat.numel()], dtype=torch.int32)
+    with pytest.raises(ValueError, match="slots in row 0"):
+        mm.forward_packed(pixels, flat, flat_img, cu, flat.numel())
+
+
 @pytest.mark.parametrize("size", [(48, 48), (40, 56), (32, 32)], ids=["48x48", "40x56", "native"])
 def test_interpolate_pos_encoding_equals_transformers(models, size):
     """Images of another size than the ViT's 32 x 32: the learned position table resized bicubically, as

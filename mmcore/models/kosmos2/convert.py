@@ -126,8 +126,20 @@ def from_hf(cls, model_or_path, *, num_bins: int = 32, dtype=None):
     model.load_state_dict(state, strict=True, assign=True)
     _rebuild_buffers(model)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(_as_dtype(dtype))
     return model.eval()
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    """A floating torch.dtype, or its name ("bfloat16", "torch.float16")."""
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} names no torch dtype (e.g. 'float32', 'bfloat16', 'float16')")
+        dtype = named
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype or its name, got {dtype!r}")
+    return dtype
 
 
 def _rebuild_buffers(model) -> None:
@@ -143,8 +155,13 @@ def _rebuild_buffers(model) -> None:
 
 def from_pretrained(cls, name_or_path, *, num_bins: int = 32, dtype=None, revision=None):
     """A local folder, or a hub id downloaded with huggingface_hub (safetensors and JSON files only)."""
-    if Path(name_or_path).is_dir():
+    path = Path(name_or_path)
+    if path.is_dir():
         return from_hf(cls, name_or_path, num_bins=num_bins, dtype=dtype)
+    text = str(name_or_path)
+    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        # a local path (a hub id is "name" or "owner/name"), not a folder: say so instead of asking the hub
+        raise FileNotFoundError(f"no Kosmos-2 checkpoint folder at {text}")
     from huggingface_hub import snapshot_download
 
     folder = snapshot_download(str(name_or_path), revision=revision, allow_patterns=["*.json", "*.safetensors"])

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from mmcore import ops
-from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
+from mmcore.models.kosmos2.modeling import KVCache, PackedLayout, check_token_ids
 from mmcore.models.layers.beam import BeamSearch, check_num_beams
 from mmcore.ops import _library, decoding
 
@@ -254,6 +254,7 @@ def generate(
     """
     config = model.config
     mask = _check_prompt(input_ids, attention_mask, image_embeds_position_mask)
+    check_token_ids(input_ids, config.text.vocab_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if tokens is None:
@@ -296,7 +297,8 @@ def generate(
     starts = plen - lengths
 
     img_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.bool()[keep]
-    embeds = model._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
+    row_offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    embeds = model._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding, row_offsets)
     t = config.text
     cache = KVCache(t.layers, batch, max_len, t.attention_heads, t.head_dim, dtype=model.lm_head_weight.dtype,
                     device=device)  # fmt: skip

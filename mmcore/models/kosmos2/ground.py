@@ -54,9 +54,13 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 def generate_grounded(model, processor, images, prompts, max_new_tokens: int, **generate_kwargs) -> list[tuple]:
     """One batch: PIL images and their prompts -> ``[(clean text, entities)]`` through left-padded batched
     generation and the processor's post-processing. ``generate_kwargs`` go to ``model.generate``."""
-    processor.tokenizer.padding_side = "left"
     device = model.lm_head_weight.device
-    inputs = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+    side = processor.tokenizer.padding_side
+    processor.tokenizer.padding_side = "left"  # generation pads prompts on the left; the caller's setting comes back
+    try:
+        inputs = processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+    finally:
+        processor.tokenizer.padding_side = side
     ids = model.generate(
         inputs["pixel_values"].to(device),
         inputs["input_ids"].to(device),
@@ -126,16 +130,55 @@ def load(checkpoint: str, *, device: str = "cpu", dtype: str = "float32"):
     return model, processor
 
 
+def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The annotated PNG's file name for each image: ``<stem>.png``, or ``<name with dots as _>.png`` where two
+    images share a stem (``a.png`` and ``a.jpg`` -> ``a_png.png`` and ``a_jpg.png``), so none overwrites another."""
+    stems: dict[str, int] = {}
+    for p in paths:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    return {p: f"{p.stem if stems[p.stem] == 1 else p.name.replace('.', '_')}.png" for p in paths}
+
+
+def _check_device(name: str) -> str:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this torch sees no CUDA device")
+    return name
+
+
+def _check_out(out: Path | None, single: bool) -> None:
+    """Before any work: --out must be a savable image file (one image) or a folder (a folder of images)."""
+    if out is None:
+        return
+    if single:
+        from PIL import Image
+
+        fmt = Image.registered_extensions().get(out.suffix.lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise ValueError(f"--out {out}: give an image file name PIL can write, e.g. annotated.png")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"--out {out}: no such folder {out.parent}")
+    elif out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; for a folder of images give an output folder")
+
+
 def run_cli(args) -> int:
-    """``mmcore ground``: one image -> caption on stdout (+ ``--out`` annotated PNG); a folder -> JSONL + PNGs."""
+    """``mmcore ground``: one image -> caption on stdout (+ ``--out`` annotated PNG); a folder -> JSONL + PNGs.
+    Exit status 0; 1 when some images of a folder could not be read (each named on stderr); 2 (a ValueError or
+    FileNotFoundError, reported by ``mmcore.cli``) when the arguments are wrong or no image could be read."""
     from mmcore.models.kosmos2.annotate import draw_entities
 
     paths = image_paths(Path(args.image))
-    model, processor = load(args.checkpoint, device=args.device, dtype=args.dtype)
     single = Path(args.image).is_file()
     out = Path(args.out) if args.out else (None if single else Path("mmcore_ground"))
+    _check_out(out, single)
+    model, processor = load(args.checkpoint, device=_check_device(args.device), dtype=args.dtype)
     if out is not None and not single:
         out.mkdir(parents=True, exist_ok=True)
+    names = annotated_names(paths)
     results = ground_images(
         model,
         processor,
@@ -149,18 +192,32 @@ def run_cli(args) -> int:
         num_beams=args.num_beams,
     )
     jsonl = open(out / "results.jsonl", "w") if (out is not None and not single) else None  # noqa: SIM115
+    done = 0
     try:
         for result, image in results:
+            done += 1
             if single:
                 print(result.markdown)
                 if out is not None:
                     draw_entities(image, result.entities).save(out)
                     print(f"annotated image: {out}", file=sys.stderr)
             else:
-                jsonl.write(result.to_json() + "\n")
-                draw_entities(image, result.entities).save(out / f"{Path(result.path).stem}.png")
+                name = names[Path(result.path)]
+                jsonl.write(json.dumps({**json.loads(result.to_json()), "annotated": name}) + "\n")
+                draw_entities(image, result.entities).save(out / name)
     finally:
         if jsonl is not None:
             jsonl.close()
             print(f"wrote {out / 'results.jsonl'} and annotated images in {out}", file=sys.stderr)
+    if done == 0:
+        what = (
+            f"{paths[0]} is not an image PIL can read" if single else f"none of the {len(paths)} images could be read"
+        )
+        raise ValueError(what)
+    if done < len(paths):
+        print(
+            f"mmcore ground: {len(paths) - done} of {len(paths)} images could not be read (named above)",
+            file=sys.stderr,
+        )
+        return 1
     return 0

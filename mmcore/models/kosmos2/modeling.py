@@ -356,8 +356,10 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         features = F.normalize(self.vision_model(pixel_values, interpolate_pos_encoding), dim=-1)
         return self.image_to_text_projection(features)
 
-    def _images(self, pixel_values, image_embeds, image_mask, interpolate_pos_encoding=False):
-        """Image embeddings for the True slots of image_mask (checked on CPU tensors: one set of latents each)."""
+    def _images(self, pixel_values, image_embeds, image_mask, interpolate_pos_encoding=False, cu_seqlens=None):
+        """Image embeddings for the True slots of the packed image_mask (tokens,), checked on CPU tensors: one set of
+        latents each, and with cu_seqlens (rows or samples + 1 offsets) ``latent_query_num`` or no slots in each row,
+        so that no image's latents land in another row."""
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values, interpolate_pos_encoding)
         if image_mask is None:
@@ -372,6 +374,17 @@ class Kosmos2ForConditionalGeneration(nn.Module):
                     f"image_embeds_position_mask marks {slots} slots but the images give {have} embeddings "
                     f"({self.config.latent_query_num} per image); pass one image per row that has image slots"
                 )
+            if cu_seqlens is not None:
+                before = F.pad(image_mask.long().cumsum(0), (1, 0))
+                cu = cu_seqlens.long().cpu()
+                per_row = before[cu[1:]] - before[cu[:-1]]
+                wrong = ((per_row != 0) & (per_row != self.config.latent_query_num)).nonzero()
+                if wrong.numel():
+                    r = int(wrong[0, 0])
+                    raise ValueError(
+                        f"image_embeds_position_mask marks {int(per_row[r])} slots in row {r}: a row (a sample, "
+                        f"packed) holds one image's {self.config.latent_query_num} slots or none"
+                    )
         return image_embeds
 
     def decode(
@@ -422,6 +435,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         logits (the loss never needs them). interpolate_pos_encoding: pixel_values of another size than the ViT's
         (``encode_images``)."""
         ids, mask = _check_padded(input_ids, attention_mask, "input_ids")
+        check_token_ids(ids, self.config.text.vocab_size)
         keep = mask.bool()
         rows = PaddedRows(keep, drop_padding=not torch.compiler.is_compiling())
         img_mask = None
@@ -432,7 +446,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
         nonpad = (ids != self.config.text.pad_token_id).long()
         positions = nonpad.cumsum(1) * nonpad + self.config.text.pad_token_id
         layout = PackedLayout.self_attention(rows.cu_seqlens, ids.shape[1])
-        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
+        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding, rows.cu_seqlens)
         hidden = self.decode(rows.pack(ids), rows.pack(positions), ids.shape[1] + 2, layout, embeds, img_mask)
         targets = None
         if labels is not None:
@@ -466,6 +480,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
             raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor of samples + 1 offsets")
+        check_token_ids(input_ids, self.config.text.vocab_size)
         img_mask = None
         if image_embeds_position_mask is not None:
             img_mask = _check_like(image_embeds_position_mask, input_ids, "image_embeds_position_mask").bool()
@@ -477,7 +492,7 @@ class Kosmos2ForConditionalGeneration(nn.Module):
                 raise ValueError(f"max_seqlen = {max_seqlen} is below the longest sample")
         layout = PackedLayout.self_attention(cu_seqlens, max_seqlen)
         positions = segment_positions(cu_seqlens, input_ids.numel()) + self.config.text.pad_token_id + 1
-        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding)
+        embeds = self._images(pixel_values, image_embeds, img_mask, interpolate_pos_encoding, cu_seqlens)
         hidden = self.decode(input_ids.long(), positions, max_seqlen + 2, layout, embeds, img_mask)
         targets = None
         if labels is not None:
@@ -573,6 +588,15 @@ def _check_like(t, ref: torch.Tensor, name: str) -> torch.Tensor:
     if t.is_floating_point():
         raise TypeError(f"{name} must be an integer or bool tensor, got {t.dtype}")
     return t
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Every id in [0, vocab_size) (checked on CPU tensors, outside torch.compile: a host read)."""
+    if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size})")
 
 
 def _check_padded(input_ids, attention_mask, name: str):

@@ -59,6 +59,11 @@ class Kosmos2Processor:
     image_size: side of the square the images are resized to. num_image_tokens: placeholders per image (the
     model's ``latent_query_num``). first_image_token_id: id of the first placeholder (None: ``unk_token_id + 1``).
     add_eos_token: let the tokenizer add ``<s> ... </s>`` instead of prepending ``<s>`` only.
+
+    Where transformers' processor accepts input that gives a wrong sample, this one raises ValueError instead: box
+    coordinates outside [0, 1] (transformers' ``coordinate_to_patch_index`` turns them into another cell's index or
+    one beyond the grid), location indices beyond the grid, and a ``max_length`` truncation that would cut into the
+    image placeholders. Input both accept gives transformers' ids.
     """
 
     def __init__(
