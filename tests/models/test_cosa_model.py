@@ -144,6 +144,14 @@ def test_loading_frame_embeddings_for_another_frame_count(model):
     eight = COSAModel(cfg)
     eight.load_state_dict(model.state_dict())
     assert torch.equal(eight.frame_embedding.weight, model.frame_embedding.weight[[0, 0, 1, 1, 2, 2, 3, 3]])
+    # the original's layout, video_frame_embedding (1, slots, D)
+    state = model.state_dict()
+    state["frame_embedding.weight"] = state["frame_embedding.weight"][None]
+    eight.load_state_dict(state)
+    assert torch.equal(eight.frame_embedding.weight, model.frame_embedding.weight[[0, 0, 1, 1, 2, 2, 3, 3]])
+    state["frame_embedding.weight"] = state["frame_embedding.weight"][0, :0]
+    with pytest.raises(ValueError, match="no frame slot"):
+        eight.load_state_dict(state)
 
 
 def test_encode_text_is_text_only(model):
@@ -164,6 +172,8 @@ def test_bad_input(model):
         model.encode_text(ids, left)
     with pytest.raises(ValueError, match="batch, frames, 3, H, W"):
         model.encode_vision(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="holds no frame"):
+        model.encode_vision(torch.randn(0, 1, 3, 16, 16))
     with pytest.raises(ValueError, match="concat"):
         model(pixels(2), ids, mask, concat=0)
     with pytest.raises(ValueError, match="samples"):

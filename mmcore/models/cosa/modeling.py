@@ -130,6 +130,10 @@ class FrameEmbedding(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "weight"
+        if key in state_dict and state_dict[key].dim() == 3 and state_dict[key].shape[0] == 1:
+            state_dict[key] = state_dict[key][0]  # the original's layout: video_frame_embedding (1, slots, D)
+        if key in state_dict and state_dict[key].dim() == 2 and state_dict[key].shape[0] == 0:
+            raise ValueError(f"{key} has no frame slot to resize from")
         if key in state_dict and state_dict[key].shape[0] != self.weight.shape[0]:
             state_dict[key] = resize_slots(state_dict[key], self.weight.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -277,6 +281,8 @@ class COSAModel(nn.Module):
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
             raise ValueError(f"pixel_values must have shape (batch, frames, 3, H, W), got {shape}")
         b, n = pixel_values.shape[:2]
+        if b == 0 or n == 0:
+            raise ValueError(f"pixel_values holds no frame: shape {tuple(pixel_values.shape)}")
         feats = self.vision_model(pixel_values.flatten(0, 1))
         return feats.view(b, n, *feats.shape[1:])
 
