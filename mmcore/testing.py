@@ -187,3 +187,12 @@ def gpu_dispatch_on_cpu():
         yield
     finally:
         _dispatch.Op.select = select
+
+
+def opcheck_triton_op(op, args: tuple) -> None:
+    """``torch.library.opcheck`` of a ``triton_op``: every check on CUDA tensors; on CPU tensors (the kernels run in
+    the Triton interpreter) all but test_aot_dispatch_dynamic, which runs the launcher on functional tensors whose
+    data the interpreter cannot read -- the GPU tests run that one."""
+    on_cpu = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, args, **({"test_utils": utils} if on_cpu else {}))

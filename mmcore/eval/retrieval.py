@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmcore.models.cosa.retrieval import rank_metrics
+from mmcore.models.cosa.retrieval import check_video_of_text, rank_metrics
 
 
 def load_matrix(path: str | Path, name: str = "matrix") -> torch.Tensor:
@@ -43,12 +43,7 @@ def load_video_of_text(path: str | Path, num_texts: int, num_videos: int) -> tor
         data = json.load(f)
     if not isinstance(data, list) or not all(type(v) is int for v in data):
         raise ValueError(f"{path} must hold a JSON list of ints (the video column of each text row)")
-    if len(data) != num_texts:
-        raise ValueError(f"{path} maps {len(data)} texts, but the scores have {num_texts} text rows")
-    bad = [i for i, v in enumerate(data) if not 0 <= v < num_videos]
-    if bad:
-        raise ValueError(f"{path}[{bad[0]}] = {data[bad[0]]} is not a video column in [0, {num_videos})")
-    return torch.tensor(data, dtype=torch.int64)
+    return check_video_of_text(torch.tensor(data, dtype=torch.int64), num_texts, num_videos, name=str(path))
 
 
 def cosine_scores(
@@ -78,7 +73,6 @@ def retrieval_metrics(scores: torch.Tensor, video_of_text: torch.Tensor | None =
         if texts != videos:
             raise ValueError(f"{texts} texts and {videos} videos: give the video of each text")
         video_of_text = torch.arange(texts)
+    video_of_text = check_video_of_text(video_of_text, texts, videos)
     pos = video_of_text[:, None] == torch.arange(videos)[None, :]
-    if not bool(pos.any(0).all()):
-        raise ValueError("every video needs at least one text (v2t has no positive for some video)")
     return {"t2v": rank_metrics(scores, pos), "v2t": rank_metrics(scores.t(), pos.t())}

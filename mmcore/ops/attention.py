@@ -158,7 +158,7 @@ def _check_cu_seqlens(name, cu, total, device, max_seqlen, max_name, check_value
 
 def _as_int(value):
     """An integer of another type (numpy's int64, say) as a Python int; anything else as given, for the checks."""
-    if not isinstance(value, (int, bool)) and isinstance(value, numbers.Integral):
+    if not isinstance(value, int) and isinstance(value, numbers.Integral):
         return int(value)
     return value
 

@@ -45,8 +45,8 @@ def test_evaluate_retrieval_arguments_are_named(data):
     for video_of_text, match in (
         ([0, 1, 2, 3, 4, 9], r"video_of_text\[5\] = 9 is not a video index in \[0, 6\)"),
         ([0, 1, 2, 3, 4, -1], r"video_of_text\[5\] = -1"),
-        ([0, 1, 2], r"video_of_text must be \(6,\) integers"),
-        ([0, 1, 2, 3, 4, 4], "video 5 has no caption"),
+        ([0, 1, 2], "video_of_text maps 3 texts, but there are 6"),
+        ([0, 1, 2, 3, 4, 4], "video 5 has no text in video_of_text"),
     ):
         with pytest.raises(ValueError, match=match):
             evaluate_retrieval(model, ids, mask, features=feats, video_of_text=video_of_text)

@@ -33,6 +33,7 @@ from mmcore.ops.decoding import (
     process_logits_ref,
     uniforms,
 )
+from mmcore.testing import opcheck_triton_op
 
 BACKENDS = [b for b in ("torch", "cpp", "triton") if b in available_backends("grounded_decode_step", "cpu")]
 COMPILED = [b for b in BACKENDS if b != "torch"]
@@ -760,10 +761,7 @@ def test_opcheck_cpp_op():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton not installed")
 def test_opcheck_triton_op_interpreted():
-    # NOTE: test_aot_dispatch_dynamic runs a triton_op's launcher on functional tensors, which the CPU interpreter
-    # cannot; the GPU test runs it.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.mmcore.grounded_decode_step_triton.default, _op_args(), test_utils=utils)
+    opcheck_triton_op(torch.ops.mmcore.grounded_decode_step_triton.default, _op_args())
 
 
 SM90_COMPILE = r"""
@@ -813,7 +811,7 @@ def test_compile_fullgraph_cpp():
 @pytest.mark.gpu
 def test_opcheck_triton_op_cuda():
     args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in _op_args())
-    torch.library.opcheck(torch.ops.mmcore.grounded_decode_step_triton.default, args)
+    opcheck_triton_op(torch.ops.mmcore.grounded_decode_step_triton.default, args)
 
 
 def _moved(state: DecodeState, device) -> DecodeState:

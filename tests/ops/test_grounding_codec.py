@@ -11,6 +11,7 @@ from transformers.models.kosmos2.processing_kosmos2 import coordinate_to_patch_i
 from mmcore.grounding import boxes_to_loc_indices, loc_indices_to_boxes
 from mmcore.ops import BackendError, available_backends
 from mmcore.ops._library import op
+from mmcore.testing import opcheck_triton_op
 
 BACKENDS = [b for b in ("cpp", "torch", "triton") if b in available_backends("boxes_to_loc_indices", "cpu")]
 
@@ -209,27 +210,21 @@ def test_opcheck_cpp_ops():
     torch.library.opcheck(op("loc_indices_to_boxes"), (idx, 32))
 
 
-def _triton_opcheck(device, test_utils):
+def _triton_opcheck(device):
     boxes = random_boxes(16, 32, torch.Generator().manual_seed(4)).to(device)
-    torch.library.opcheck(
-        torch.ops.mmcore.boxes_to_loc_indices_triton.default, (boxes, 32, "hf"), test_utils=test_utils
-    )
+    opcheck_triton_op(torch.ops.mmcore.boxes_to_loc_indices_triton.default, (boxes, 32, "hf"))
     idx = torch.randint(0, 1024, (9, 2)).to(device)
-    torch.library.opcheck(torch.ops.mmcore.loc_indices_to_boxes_triton.default, (idx, 32), test_utils=test_utils)
+    opcheck_triton_op(torch.ops.mmcore.loc_indices_to_boxes_triton.default, (idx, 32))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton not installed")
 def test_opcheck_triton_ops_interpreted():
-    # NOTE: test_aot_dispatch_dynamic decomposes a triton_op into its launcher under FunctionalTensorMode;
-    # the CPU interpreter then runs on functional tensors and fails. The GPU test below runs it.
-    _triton_opcheck("cpu", ("test_schema", "test_autograd_registration", "test_faketensor"))
+    _triton_opcheck("cpu")
 
 
 @pytest.mark.gpu
 def test_opcheck_triton_ops_cuda():
-    _triton_opcheck(
-        "cuda", ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    )
+    _triton_opcheck("cuda")
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from mmcore.ops import (
     packed_attention,
     packed_attention_ref,
 )
-from mmcore.testing import assert_close_to_ref
+from mmcore.testing import assert_close_to_ref, opcheck_triton_op
 
 CPU_BACKENDS = [b for b in available_backends("packed_attention", "cpu") if b != "triton"]
 HAS_CPP = "cpp" in CPU_BACKENDS
@@ -289,19 +289,18 @@ def test_opcheck_cpp_forward_and_backward():
     )
 
 
-def _triton_opcheck(device, test_utils):
+def _triton_opcheck(device):
     q, k, v, cq, ck = make([3, 0, 5], [4, 0, 5], 2, 1, 32, torch.float32)
     q, k, v, cq, ck = (t.to(device) for t in (q, k, v, cq, ck))
     fwd = torch.ops.mmcore.packed_attention_fwd_triton.default
     for mode, prefix in ((0, None), (1, None), (2, torch.tensor([1, 0, 2], dtype=torch.int32, device=device))):
         args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cq, ck, 5, 5, mode, prefix, 0.3, 0.0, 0, 0)
-        torch.library.opcheck(fwd, args, test_utils=test_utils)
+        opcheck_triton_op(fwd, args)
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = fwd(q, k, v, cq, ck, 5, 5, 1, None, 0.3, 0.0, 0, 0)
-    torch.library.opcheck(
+    opcheck_triton_op(
         torch.ops.mmcore.packed_attention_bwd_triton.default,
         (torch.randn_like(out), q, k, v, out, lse, cq, ck, 5, 5, 1, None, 0.3, 0.0, 0, 0),
-        test_utils=test_utils,
     )
 
 
@@ -309,16 +308,12 @@ def _triton_opcheck(device, test_utils):
     "triton" not in available_backends("packed_attention", "cpu"), reason="Triton not installed or not interpreted"
 )
 def test_opcheck_triton_ops_interpreted():
-    # NOTE: test_aot_dispatch_dynamic decomposes a triton_op into its launcher under FunctionalTensorMode; the CPU
-    # interpreter then reads the data of functional tensors and fails. The GPU test below runs it.
-    _triton_opcheck("cpu", ("test_schema", "test_autograd_registration", "test_faketensor"))
+    _triton_opcheck("cpu")
 
 
 @pytest.mark.gpu
 def test_opcheck_triton_ops_cuda():
-    _triton_opcheck(
-        "cuda", ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    )
+    _triton_opcheck("cuda")
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="mmcore._C has no packed attention kernel")

@@ -35,6 +35,7 @@ from mmcore.models.cosa.config import CAPTION_MODES, COSAConfig, COSATextConfig,
 from mmcore.models.cosa.objectives import IGNORE_INDEX, itc_loss, mask_tokens, sample_hard_negatives
 from mmcore.models.layers.attention import PackedCrossAttention, PackedSelfAttention, Segments
 from mmcore.models.layers.beam import BeamSearch, check_num_beams
+from mmcore.models.layers.tokens import check_token_ids
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, check_pixels, init_linear_and_norms
 
 # ------------------------------------------------------------------------------------------ text encoder
@@ -313,11 +314,7 @@ class COSAModel(nn.Module):
         if torch.compiler.is_compiling() or len(text) == 0:
             return
         t = self.config.text
-        ids = text.input_ids[text.real()] if text.padded else text.input_ids
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= t.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {t.vocab_size})")
+        check_token_ids(text.input_ids[text.real()] if text.padded else text.input_ids, t.vocab_size, name)
         ends = []
         if cls:
             ends.append(("start", "[CLS]", text.input_ids[text.first], t.cls_token_id))

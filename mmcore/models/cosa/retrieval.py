@@ -99,7 +99,7 @@ def evaluate_retrieval(
             raise ValueError(f"{len(text)} captions for {videos} videos: pass video_of_text")
         video_of_text = torch.arange(len(text), device=features.device)
     else:
-        video_of_text = _check_video_of_text(video_of_text, len(text), videos).to(features.device)
+        video_of_text = check_video_of_text(video_of_text, len(text), videos).to(features.device)
     sim = model.text_features(text) @ model.video_features(features).t()  # (texts, videos)
     pos = video_of_text[:, None] == torch.arange(features.shape[0], device=sim.device)[None, :]
     out = {"itc": {"t2v": rank_metrics(sim, pos), "v2t": rank_metrics(sim.t(), pos.t())}}
@@ -114,22 +114,24 @@ def evaluate_retrieval(
     return out
 
 
-def _check_video_of_text(video_of_text, texts: int, videos: int) -> torch.Tensor:
-    """(texts,) int64 video indices, each video described by at least one text."""
+def check_video_of_text(video_of_text, texts: int, videos: int, name: str = "video_of_text") -> torch.Tensor:
+    """(texts,) int64 video indices in [0, videos), each video described by at least one text (else v2t has no
+    positive); a ValueError naming ``name`` otherwise. Accepts a tensor or a sequence of ints."""
     if not isinstance(video_of_text, torch.Tensor):
         video_of_text = torch.as_tensor(video_of_text)
-    if video_of_text.shape != (texts,) or video_of_text.is_floating_point() or video_of_text.dtype == torch.bool:
-        raise ValueError(
-            f"video_of_text must be ({texts},) integers (one video per caption), got {_describe(video_of_text)}"
-        )
+    if video_of_text.is_floating_point() or video_of_text.is_complex() or video_of_text.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integers (one video index per text), got {video_of_text.dtype}")
+    if video_of_text.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (one video index per text), got shape {tuple(video_of_text.shape)}")
+    if video_of_text.shape[0] != texts:
+        raise ValueError(f"{name} maps {video_of_text.shape[0]} texts, but there are {texts}")
     out_of_range = ((video_of_text < 0) | (video_of_text >= videos)).nonzero()
     if out_of_range.numel():
         i = int(out_of_range[0, 0])
-        raise ValueError(f"video_of_text[{i}] = {int(video_of_text[i])} is not a video index in [0, {videos})")
+        raise ValueError(f"{name}[{i}] = {int(video_of_text[i])} is not a video index in [0, {videos})")
     described = torch.zeros(videos, dtype=torch.bool, device=video_of_text.device)
     described[video_of_text] = True
     if not bool(described.all()):
-        raise ValueError(
-            f"video {int((~described).nonzero()[0, 0])} has no caption in video_of_text (v2t would have no positive)"
-        )
+        missing = int((~described).nonzero()[0, 0])
+        raise ValueError(f"video {missing} has no text in {name} (v2t would have no positive)")
     return video_of_text.long()

@@ -26,8 +26,9 @@ import weakref
 import torch
 
 from mmcore import ops
-from mmcore.models.kosmos2.modeling import KVCache, PackedLayout, check_token_ids
+from mmcore.models.kosmos2.modeling import KVCache, PackedLayout
 from mmcore.models.layers.beam import BeamSearch, check_num_beams
+from mmcore.models.layers.tokens import check_token_ids
 from mmcore.ops import _library, decoding
 
 FINISHED_CHECK_EVERY = 8  # GPU only: a host read per 8 steps costs < 1 % while finished rows idle at most 7 steps

@@ -118,14 +118,12 @@ def ground_images(
 
 
 def load(checkpoint: str, *, device: str = "cpu", dtype: str = "float32"):
-    """(model, processor) from a local Hugging Face Kosmos-2 folder or a hub id."""
+    """(model, processor) from a local Hugging Face Kosmos-2 folder or a hub id; dtype: a floating torch dtype or
+    its name (checked by ``from_pretrained``)."""
     from mmcore.models.kosmos2 import Kosmos2ForConditionalGeneration
     from mmcore.models.kosmos2.processing import Kosmos2Processor
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    model = Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtypes[dtype]).to(device)
+    model = Kosmos2ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype).to(device)
     processor = Kosmos2Processor.from_pretrained(checkpoint)
     return model, processor
 

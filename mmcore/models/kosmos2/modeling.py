@@ -22,6 +22,7 @@ from torch import nn
 from mmcore import ops
 from mmcore.models.kosmos2.config import Kosmos2Config, Kosmos2TextConfig
 from mmcore.models.layers.linear import Linear
+from mmcore.models.layers.tokens import check_token_ids
 from mmcore.models.layers.vit import ACTIVATIONS, VisionTransformer, init_linear_and_norms
 from mmcore.ops import _library
 from mmcore.ops._dispatch import extension_kernel
@@ -588,15 +589,6 @@ def _check_like(t, ref: torch.Tensor, name: str) -> torch.Tensor:
     if t.is_floating_point():
         raise TypeError(f"{name} must be an integer or bool tensor, got {t.dtype}")
     return t
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
-    """Every id in [0, vocab_size) (checked on CPU tensors, outside torch.compile: a host read)."""
-    if input_ids.device.type != "cpu" or torch.compiler.is_compiling() or input_ids.numel() == 0:
-        return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside the vocabulary [0, {vocab_size})")
 
 
 def _check_padded(input_ids, attention_mask, name: str):
